@@ -1,0 +1,20 @@
+"""pocketdiff: small, few-step text-to-image latent diffusion models for laptop CPUs and phones."""
+
+import os as _os
+
+# Never reach a model hub, even by accident: every model loads from a local folder.
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+           "DISABLE_TELEMETRY"):
+    _os.environ.setdefault(_k, "1")
+
+__version__ = "0.1.0"
+
+
+def load_pipeline(path="default", **kwargs):
+    """Load a local diffusers-format model folder (or a shipped model by name); see :mod:`pocketdiff.pipeline`."""
+    from .pipeline import load_pipeline as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["load_pipeline", "__version__"]

@@ -1,0 +1,243 @@
+"""Text -> image: encode the prompt, sample latents, decode, with per-stage timings.
+
+``load_pipeline(path)`` reads a local diffusers-format folder; ``pipe(prompts, ...)`` returns a
+:class:`GenerationResult` with PIL images, the final (diffusers-scale) latents, the seed of every
+image and the time spent in each stage.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import folder as folder_io
+from .denoiser import Conditioning, Denoiser, UNetRunner, guidance_scale_embedding
+from .errors import PocketdiffError, PromptTruncatedWarning
+from .sampling import SAMPLERS
+from .schedule import NoiseSchedule, lcm_boundary, timestep_grid
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage of one generation call."""
+
+    text_encoder: float = 0.0
+    unet_steps: list[float] = field(default_factory=list)
+    decoder: float = 0.0
+    total: float = 0.0
+
+    @property
+    def unet_per_step(self) -> float:
+        return statistics.median(self.unet_steps) if self.unet_steps else 0.0
+
+    def line(self) -> str:
+        return (f"text encoder {self.text_encoder:.3f} s | UNet {self.unet_per_step:.3f} s/step x {len(self.unet_steps)} | "
+                f"decoder {self.decoder:.3f} s | total {self.total:.3f} s")
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latents: torch.Tensor  # (B, C, h, w), the scale diffusers' pipelines return with output_type="latent"
+    prompts: list[str]
+    seeds: list[int | None]
+    timings: Timings
+
+
+def _check_finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PocketdiffError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class Pipeline:
+    """A Stable-Diffusion-class text-to-image model: UNet, VAE, CLIP text encoder, tokenizer, schedule."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, *, runner: str = "auto",
+                 name: str | None = None):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        try:
+            self.schedule = NoiseSchedule.from_config(scheduler_config)
+        except (ValueError, TypeError) as e:
+            raise PocketdiffError(f"scheduler_config.json: {e}") from None
+        self.runner = UNetRunner(unet, mode=runner)
+        self.denoiser = Denoiser(self.runner, self.schedule)
+        self.name = name or "pipeline"
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, path: str | Path, *, trust_pickle: bool = False, runner: str = "auto") -> "Pipeline":
+        parts = folder_io.load_components(path, trust_pickle=trust_pickle)
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
+                   runner=runner, name=Path(path).name)
+
+    def save(self, path: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+        return folder_io.save_components(path, self.unet, self.vae, self.text_encoder, self.tokenizer,
+                                         self.scheduler_config, overwrite=overwrite, extra_files=extra_files)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width), defaulting to the model's size; both must be positive multiples of the VAE factor."""
+        height, width = height or self.default_size, width or self.default_size
+        f = self.vae_scale_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise PocketdiffError(f"height and width must be positive multiples of {f} (the VAE factor), got {height}x{width}")
+        return height, width
+
+    # ---- stages -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, L, D) last hidden states of the text encoder, prompts padded/truncated to its limit."""
+        limit = self.tokenizer.model_max_length
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        full = self.tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > limit:
+            for p, ids in zip(prompts, full):
+                n = int((ids != self.tokenizer.pad_token_id).sum()) if self.tokenizer.pad_token_id is not None else len(ids)
+                if n > limit:
+                    dropped = self.tokenizer.decode(ids[limit - 1:n - 1])
+                    warnings.warn(f"prompt longer than {limit} tokens was truncated; dropped: {dropped!r}",
+                                  PromptTruncatedWarning, stacklevel=3)
+        return self.text_encoder(tok.input_ids)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] from diffusers-scale latents."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        return self.vae.decode(z, return_dict=False)[0]
+
+    def sigmas(self, steps: int, sampler: str, spacing: str | None = None) -> tuple[np.ndarray, float]:
+        """(steps+1,) noise levels of a sampler's grid, and the scale of its initial noise."""
+        spec = SAMPLERS[sampler]
+        grid = timestep_grid(self.schedule, steps, spec.grid, spacing)  # type: ignore[arg-type]
+        final = self.schedule.final_sigma_ddim() if spec.final == "ddim" else 0.0
+        sigmas = np.append(self.schedule.t_to_sigma(grid), final)
+        spacing = spacing or self.schedule.timestep_spacing or ("linspace" if spec.grid in ("euler", "dpm") else "leading")
+        ve_start = spec.init == "ve" and spacing in ("linspace", "trailing")  # diffusers' Euler init_noise_sigma
+        init = float(np.float32(sigmas[0])) if ve_start else math.sqrt(float(sigmas[0]) ** 2 + 1.0)
+        return sigmas, init
+
+    # ---- generation --------------------------------------------------------------------------
+    def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 steps: int = 25, sampler: str = "dpmpp_2m", guidance: float = 7.5, seed: int | None = 0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, timestep_spacing: str | None = None,
+                 output_type: str = "pil", callback=None) -> GenerationResult:
+        t_start = time.perf_counter()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise PocketdiffError("no prompts given; pass at least one prompt (an empty string is unconditional)")
+        if sampler not in SAMPLERS:
+            raise PocketdiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(steps, int) or steps < 1:
+            raise PocketdiffError(f"steps must be an integer >= 1, got {steps!r}")
+        guidance = _check_finite("guidance", guidance)
+        height, width = self.check_size(height, width)
+        f = self.vae_scale_factor
+        if timestep_spacing not in (None, "leading", "trailing", "linspace"):
+            raise PocketdiffError(f"unknown timestep spacing {timestep_spacing!r}; choose leading, trailing or linspace")
+        try:
+            sigmas, init_sigma = self.sigmas(steps, sampler, timestep_spacing)
+        except ValueError as e:
+            raise PocketdiffError(str(e)) from None
+
+        timings = Timings()
+        n_prompts = len(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        b = len(prompts)
+        # 1. text conditioning
+        t0 = time.perf_counter()
+        cond_states = self.encode_prompt(prompts)  # (B, L, D)
+        w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        uncond_states, w_emb = None, None
+        if w_dim:
+            w_emb = guidance_scale_embedding(torch.full((b,), guidance - 1.0), w_dim)  # (B, E)
+        elif guidance != 1.0:
+            neg = [negative_prompt or ""] * n_prompts if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
+            if len(neg) != n_prompts:
+                raise PocketdiffError(f"got {len(neg)} negative prompts for {n_prompts} prompts; pass one, or one per prompt")
+            neg = [n for n in neg for _ in range(num_images_per_prompt)]
+            uncond_states = self.encode_prompt(neg)
+        timings.text_encoder = time.perf_counter() - t0
+        cond = Conditioning(cond_states, uncond_states, guidance, w_emb)
+
+        # 2. noise: one generator per image (image i of seed s is reproducible alone with seed s+i)
+        seeds: list[int | None]
+        if generator is None:
+            seed = 0 if seed is None else int(seed)
+            generator = [torch.Generator().manual_seed(seed + i) for i in range(b)]
+            seeds = [seed + i for i in range(b)]
+        else:
+            seeds = [None] * b
+        shape = (b, self.unet.config.in_channels, height // f, width // f)
+        noise = _randn(shape, generator)
+        x = noise * init_sigma  # (B, C, h, w) VE latent at sigmas[0]
+
+        # 3. sampling
+        spec = SAMPLERS[sampler]
+        step_times: list[float] = timings.unet_steps
+        last = [time.perf_counter()]
+
+        def on_step(info: dict) -> None:
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            if callback is not None:
+                callback(info)
+
+        kwargs = {}
+        if spec.stochastic:
+            kwargs["noise_sampler"] = lambda s, s_next: _randn(shape, generator)
+        if spec.fn.__name__ == "sample_lcm":
+            kwargs["boundary"] = lambda s: lcm_boundary(self.schedule, self.denoiser.sigma_to_t(s))
+        self.runner.plan_calls(max(self.runner.planned_calls, steps))  # a caller may have planned more
+        last[0] = time.perf_counter()
+        x = spec.fn(self.denoiser, x, sigmas, extra_args={"cond": cond}, callback=on_step, **kwargs)
+        latents = x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)  # VE -> VP (diffusers) scale
+
+        # 4. decoding
+        images: list[Image.Image] = []
+        if output_type != "latent":
+            t0 = time.perf_counter()
+            pixels = self.decode(latents)
+            timings.decoder = time.perf_counter() - t0
+            images = to_pil(pixels)
+        timings.total = time.perf_counter() - t_start
+        return GenerationResult(images, latents, prompts, seeds, timings)
+
+
+def _randn(shape: tuple, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal draws, per-sample when given a list of generators (as diffusers' randn_tensor)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images (rounded as diffusers' image processor does)."""
+    arr = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+def load_pipeline(path: str | Path = "default", *, trust_pickle: bool = False, runner: str = "auto") -> Pipeline:
+    """Load a local diffusers-format folder, or a shipped model by name (see ``pocketdiff models``)."""
+    from .models.registry import resolve_model
+
+    return Pipeline.from_folder(resolve_model(path), trust_pickle=trust_pickle, runner=runner)
