@@ -1,0 +1,341 @@
+"""The ``pocketdiff`` command: generate, models, bench, data (each a small function).
+
+Errors the user can fix print one line (``pocketdiff <cmd>: error: ...``) and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import PocketdiffError, PromptTruncatedWarning
+
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+# Measured here: SD-size UNet steps up to 1.5x faster and far less noisy than with glibc malloc.
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:false,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line_warnings() -> None:
+    """Our warnings as 'warning: ...' lines; library chatter (deprecations) silenced."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", category=PromptTruncatedWarning)
+
+    def show(message, category, *_args, **_kwargs):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def maybe_reexec_with_jemalloc(argv: list[str]) -> None:
+    """Re-run this process with jemalloc preloaded when it is installed and not loaded yet.
+
+    Off with POCKETDIFF_JEMALLOC=0. Only the allocator changes; results are identical.
+    """
+    if os.environ.get("POCKETDIFF_JEMALLOC", "1") == "0" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+    if lib is None or not sys.platform.startswith("linux"):
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env["POCKETDIFF_JEMALLOC"] = "0"  # never loop
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "pocketdiff", *argv], env)
+    except OSError:
+        return
+
+
+# ---- generate ---------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+    from .sampling import SAMPLERS
+
+    p = sub.add_parser("generate", help="text -> PNG images with a local model folder (default: the shipped model)")
+    p.add_argument("prompt", nargs="?", help="the prompt (an empty string generates unconditionally)")
+    p.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--model", default="default", help="model folder or shipped model name (see `pocketdiff models`)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model card's, else 25)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model card's, else dpmpp_2m)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: model card's, else 7.5)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (CFG's unconditional branch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=4, help="images per UNet batch")
+    p.add_argument("--height", type=int, help="image height in pixels (multiple of the VAE factor)")
+    p.add_argument("--width", type=int, help="image width in pixels (multiple of the VAE factor)")
+    p.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"), help="override the grid spacing")
+    p.add_argument("-o", "--output", default=".", help="a .png path (one image) or a folder (default: .)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--runner", choices=("auto", "eager", "trace"), default="auto",
+                   help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts: list[str] = []
+    if args.prompt is not None:
+        prompts.append(args.prompt)
+    if args.prompts_file is not None:
+        f = args.prompts_file
+        if not f.is_file():
+            raise PocketdiffError(f"{f}: prompts file not found; pass a text file with one prompt per line")
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PocketdiffError(f"{f}: not UTF-8 text; save it as UTF-8 with one prompt per line") from None
+        file_prompts = [line.strip() for line in lines if line.strip()]
+        if not file_prompts:
+            raise PocketdiffError(f"{f}: holds no prompts; write one prompt per line")
+        prompts.extend(file_prompts)
+    if not prompts:
+        raise PocketdiffError("no prompt given; pass a PROMPT or --prompts-file FILE")
+    return prompts
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    while "--" in s:
+        s = s.replace("--", "-")
+    return s[:n].rstrip("-") or "unconditional"
+
+
+def _output_paths(output: str, prompts: list[str], num_images: int, seed: int, overwrite: bool) -> list[Path]:
+    """One PNG path per image; checked before any work so no run is wasted or file lost."""
+    out = Path(output)
+    total = len(prompts) * num_images
+    if out.suffix.lower() == ".png":
+        if not out.parent.exists():
+            raise PocketdiffError(f"{out.parent}: output folder does not exist; create it or choose another -o")
+        paths = [out] if total == 1 else [out.with_name(f"{out.stem}-{k:03d}.png") for k in range(total)]
+    else:
+        if out.exists() and not out.is_dir():
+            raise PocketdiffError(f"{out}: exists and is not a folder; give -o a .png path or a folder")
+        if not out.exists():
+            raise PocketdiffError(f"{out}: output folder does not exist; create it or choose another -o")
+        paths = []
+        for k in range(total):
+            prompt = prompts[k // num_images]
+            paths.append(out / f"{k:03d}-{_slug(prompt)}-s{seed + k}.png")
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise PocketdiffError(f"{existing[0]}: already exists; pass --overwrite or choose another -o")
+    return paths
+
+
+def save_png(image, path: Path, meta: dict) -> None:
+    """Write atomically (temp file + rename) with generation parameters as PNG text chunks."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, "" if v is None else str(v))
+    info.add_text("parameters", json.dumps(meta))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cmd_generate(args) -> int:
+    import statistics
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from . import __version__
+    from .models.registry import model_card, resolve_model
+    from .pipeline import Pipeline
+
+    prompts = _read_prompts(args)
+    if args.steps is not None and args.steps < 1:
+        raise PocketdiffError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise PocketdiffError("--num-images and --batch-size must be >= 1")
+    paths = _output_paths(args.output, prompts, args.num_images, args.seed, args.overwrite)
+    folder = resolve_model(args.model)
+    card = model_card(folder).get("defaults", {})
+    steps = args.steps or int(card.get("steps", 25))
+    sampler = args.sampler or card.get("sampler", "dpmpp_2m")
+    guidance = args.guidance if args.guidance is not None else float(card.get("guidance", 7.5))
+
+    t_load = time.perf_counter()
+    pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner)
+    load_s = time.perf_counter() - t_load
+    pipe.check_size(args.height, args.width)
+    jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    pipe.runner.plan_calls(steps * len(batches))
+    bar = tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr)
+    text_s, unet_steps, decode_s = 0.0, [], 0.0
+    t0 = time.perf_counter()
+    written = 0
+    for batch in batches:
+        gens = [torch.Generator().manual_seed(args.seed + k) for k, _ in batch]
+        result = pipe([p for _, p in batch], negative_prompt=args.negative_prompt, steps=steps, sampler=sampler,
+                      guidance=guidance, generator=gens, height=args.height, width=args.width,
+                      timestep_spacing=args.timestep_spacing, callback=lambda _info: bar.update(1))
+        text_s += result.timings.text_encoder
+        unet_steps += result.timings.unet_steps
+        decode_s += result.timings.decoder
+        for (k, prompt), image in zip(batch, result.images):
+            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k, "steps": steps,
+                    "sampler": sampler, "guidance": guidance, "model": str(args.model), "width": image.width,
+                    "height": image.height, "generator": f"pocketdiff {__version__}"}
+            save_png(image, paths[k], meta)
+            written += 1
+    bar.close()
+    total = time.perf_counter() - t0
+    per_step = statistics.median(unet_steps) if unet_steps else 0.0
+    print(f"wrote {written} image(s): {paths[0]}{' ...' if written > 1 else ''}")
+    print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step x {steps}"
+          f" x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total {total:.2f} s ({total / written:.3f} s/image)")
+    return 0
+
+
+# ---- models -----------------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from .models.registry import default_model_name, model_card, shipped_models
+
+    models = shipped_models()
+    try:
+        default = default_model_name()
+    except PocketdiffError:
+        default = None
+    rows = [{"name": n, "path": str(p), "default": n == default, "description": model_card(p).get("description", "")}
+            for n, p in models.items()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']}{' (default)' if r['default'] else ''}\t{r['path']}\t{r['description']}")
+    return 0
+
+
+# ---- bench ------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    from .models.presets import ARCH_PRESETS
+
+    p = sub.add_parser("bench", help="per-component latency, params, MACs and peak memory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model folder or shipped model name (default: the shipped model)")
+    src.add_argument("--arch", choices=sorted(ARCH_PRESETS), help="a named architecture preset, random weights")
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="images per call (the UNet runs 2x for CFG)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs after warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs")
+    p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .bench import measure
+    from .models import presets
+    from .models.registry import resolve_model
+    from .pipeline import Pipeline
+
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        raise PocketdiffError("--runs and --batch must be >= 1 and --warmup >= 0")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise PocketdiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.json is not None and not args.json.parent.exists():
+        raise PocketdiffError(f"{args.json.parent}: folder does not exist; create it or choose another --json path")
+    if args.arch:
+        kind, module = presets.build(args.arch)
+        rows = [measure.bench_component(args.arch, kind, module, resolution=args.resolution or 512, batch=args.batch,
+                                        runs=args.runs, warmup=args.warmup)]
+    else:
+        pipe = Pipeline.from_folder(resolve_model(args.model or "default"))
+        rows = measure.bench_pipeline(pipe, resolution=args.resolution, batch=args.batch, runs=args.runs,
+                                      warmup=args.warmup)
+    print(measure.format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+# ---- data -------------------------------------------------------------------------------------
+def cmd_data_shapes(args) -> int:
+    from .data.shapes import write_dataset
+
+    if args.n < 1:
+        raise PocketdiffError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise PocketdiffError(f"{out.parent}: folder does not exist; create it first")
+    try:
+        write_dataset(out, args.n, seed=args.seed, split=args.split, progress=not args.no_progress)
+    except FileExistsError:
+        raise PocketdiffError(f"{out}: already exists and is not empty; choose another --out") from None
+    print(f"wrote {args.n} image/caption pairs to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="pocketdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pocketdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate(sub)
+    p = sub.add_parser("models", help="list the model folders shipped with pocketdiff")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+    _add_bench(sub)
+    data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
+                                                                                      parser_class=_Parser)
+    p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="new folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "heldout", "all"), default="train")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data_shapes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _one_line_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PocketdiffError as e:
+        return _fail(f"pocketdiff {args.command}", str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry: preload jemalloc when available, then run."""
+    maybe_reexec_with_jemalloc(sys.argv[1:])
+    sys.exit(main())
