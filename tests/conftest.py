@@ -1,0 +1,19 @@
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A saved tiny random diffusers-format folder (epsilon prediction, DDIM scheduler config)."""
+    from pocketdiff.folder import save_components
+    from pocketdiff.models.tiny import tiny_components
+
+    c = tiny_components(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_components(path, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    return path
