@@ -4,7 +4,8 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore")
-torch.set_num_threads(2)
+# Tiny models: one thread is as fast, and avoids OpenMP oversubscription when other jobs share the CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

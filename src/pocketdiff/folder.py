@@ -192,7 +192,9 @@ def load_components(folder: str | os.PathLike, trust_pickle: bool = False) -> di
 def atomic_folder(dest: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` in one rename."""
     dest = Path(dest)
-    if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and not dest.is_dir():
+        raise ModelFolderError(f"{dest}: exists and is a file, not a folder; choose another path")
+    if dest.exists() and not overwrite and any(dest.iterdir()):
         raise ModelFolderError(f"{dest}: already exists; choose another path or pass --overwrite")
     if not dest.parent.exists():
         raise ModelFolderError(f"{dest.parent}: folder does not exist; create it first")

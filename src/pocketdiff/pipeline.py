@@ -92,7 +92,8 @@ class Pipeline:
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width), defaulting to the model's size; both must be positive multiples of the VAE factor."""
-        height, width = height or self.default_size, width or self.default_size
+        height = self.default_size if height is None else height  # an explicit 0 is an error, not the default
+        width = self.default_size if width is None else width
         f = self.vae_scale_factor
         if height <= 0 or width <= 0 or height % f or width % f:
             raise PocketdiffError(f"height and width must be positive multiples of {f} (the VAE factor), got {height}x{width}")
@@ -104,10 +105,10 @@ class Pipeline:
         """(B, L, D) last hidden states of the text encoder, prompts padded/truncated to its limit."""
         limit = self.tokenizer.model_max_length
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        full = self.tokenizer(list(prompts), padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > limit:
-            for p, ids in zip(prompts, full):
-                n = int((ids != self.tokenizer.pad_token_id).sum()) if self.tokenizer.pad_token_id is not None else len(ids)
+        full = self.tokenizer(list(prompts), padding="longest", return_tensors="pt")
+        if full.input_ids.shape[-1] > limit:
+            # token counts from the attention mask: CLIP tokenizers often pad with their EOS token
+            for p, ids, n in zip(prompts, full.input_ids, full.attention_mask.sum(-1).tolist()):
                 if n > limit:
                     dropped = self.tokenizer.decode(ids[limit - 1:n - 1])
                     warnings.warn(f"prompt longer than {limit} tokens was truncated; dropped: {dropped!r}",

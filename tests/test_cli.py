@@ -1,0 +1,244 @@
+"""The ``pocketdiff`` command: generate, models, data, bench; every user error is one line and exit 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pocketdiff.cli import main
+
+PROMPT = "a small red star"
+
+
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _generate(model, *extra) -> list:
+    return ["generate", "--model", model, "--steps", 2, "--no-progress", *extra]
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _assert_one_line_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture
+def out(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+# ---- generate -----------------------------------------------------------------------------------
+def test_generate_writes_png_with_metadata(tiny_folder, out, capsys):
+    code, stdout, err = _run(_generate(tiny_folder, PROMPT, "--seed", 7, "--sampler", "euler", "--guidance", 3.0,
+                                       "-o", out / "star.png"), capsys)
+    assert code == 0, err
+    with Image.open(out / "star.png") as im:
+        assert im.size == (16, 16)
+        meta = dict(im.text)
+    assert meta["prompt"] == PROMPT
+    assert meta["seed"] == "7" and meta["steps"] == "2" and meta["sampler"] == "euler"
+    assert float(meta["guidance"]) == 3.0 and meta["model"] == str(tiny_folder)
+    assert json.loads(meta["parameters"])["seed"] == 7
+    assert any(line.startswith("timing:") for line in stdout.splitlines())
+    assert _files(out) == ["star.png"], "no temp file left"
+
+
+def test_num_images_and_batches_use_consecutive_seeds(tiny_folder, out, capsys):
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "--seed", 10, "--num-images", 3, "--batch-size", 2, "-o", out),
+                        capsys)
+    assert code == 0, err
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 3
+    seeds = []
+    for f in files:
+        with Image.open(f) as im:
+            seeds.append(int(im.text["seed"]))
+    assert seeds == [10, 11, 12]
+    # the third image (second batch) is the image seed 12 gives alone
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "--seed", 12, "-o", out / "alone.png"), capsys)
+    assert code == 0, err
+    assert np.abs(_pixels(files[2]) - _pixels(out / "alone.png")).max() <= 1
+
+
+def test_same_seed_twice_same_pixels(tiny_folder, out, capsys):
+    target = out / "img.png"
+    assert _run(_generate(tiny_folder, PROMPT, "--seed", 3, "-o", target), capsys)[0] == 0
+    first = _pixels(target)
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "--seed", 3, "-o", target, "--overwrite"), capsys)
+    assert code == 0, err
+    assert np.array_equal(first, _pixels(target))
+
+
+def test_prompts_file(tiny_folder, out, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star\n\n  a blue circle  \n", encoding="utf-8")
+    code, _, err = _run(_generate(tiny_folder, "--prompts-file", prompts, "-o", out), capsys)
+    assert code == 0, err
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2
+    texts = []
+    for f in files:
+        with Image.open(f) as im:
+            texts.append(im.text["prompt"])
+    assert texts == ["a red star", "a blue circle"]
+
+
+def test_long_prompt_warns_in_one_line(tiny_folder, out, capsys):
+    code, _, err = _run(_generate(tiny_folder, " ".join(["red"] * 14 + ["heart"]), "-o", out), capsys)
+    assert code == 0
+    assert err.strip().startswith("warning:") and "heart" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---- generate: user errors ------------------------------------------------------------------------
+BAD = {
+    "steps-0": ["--steps", 0],
+    "guidance-nan": ["--guidance", "nan"],
+    "guidance-inf": ["--guidance", "inf"],
+    "sampler-unknown": ["--sampler", "nope"],
+    "height-33": ["--height", 33],
+    "height-0": ["--height", 0],
+    "lcm-more-steps-than-distilled": ["--sampler", "lcm", "--steps", 60],
+    "steps-over-train-timesteps": ["--steps", 2000],
+    "num-images-0": ["--num-images", 0],
+    "png-in-missing-folder": ["-o", "{tmp}/missing/x.png"],
+    "missing-output-folder": ["-o", "{tmp}/missing"],
+    "missing-prompt": None,
+    "missing-prompts-file": ["--prompts-file", "{tmp}/nope.txt"],
+    "empty-prompts-file": ["--prompts-file", "{tmp}/empty.txt"],
+    "unknown-model": ["--model", "{tmp}/no-such-model"],
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_generate_user_errors(case, tiny_folder, out, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    extra = [str(a).format(tmp=tmp_path) for a in (BAD[case] or [])]
+    argv = _generate(tiny_folder, *([] if BAD[case] is None else [PROMPT]), "-o", out, *extra)
+    before = _files(tmp_path)
+    code, stdout, err = _run(argv, capsys)
+    _assert_one_line_error(code, err)
+    assert _files(tmp_path) == before, "nothing written"
+
+
+def test_existing_output_is_not_overwritten(tiny_folder, out, capsys):
+    target = out / "keep.png"
+    target.write_bytes(b"precious")
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", target), capsys)
+    _assert_one_line_error(code, err)
+    assert str(target) in err and "--overwrite" in err
+    assert target.read_bytes() == b"precious"
+    assert _files(out) == ["keep.png"]
+
+
+@pytest.fixture
+def pickle_model(tiny_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_folder, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), model / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    return model
+
+
+def test_pickle_model_needs_trust_pickle(pickle_model, out, capsys):
+    code, _, err = _run(_generate(pickle_model, PROMPT, "-o", out), capsys)
+    _assert_one_line_error(code, err)
+    assert "diffusion_pytorch_model.bin" in err and "--trust-pickle" in err
+    assert _files(out) == []
+    code, _, err = _run(_generate(pickle_model, PROMPT, "-o", out, "--trust-pickle"), capsys)
+    assert code == 0, err
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_truncated_model_is_one_line_error(tiny_folder, tmp_path, out, capsys):
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_folder, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = _run(_generate(model, PROMPT, "-o", out), capsys)
+    _assert_one_line_error(code, err)
+    assert str(weights) in err
+
+
+@pytest.mark.parametrize("extra", [["--sampler", "nope"], ["--height", "33", "--steps", "2"]],
+                         ids=["argparse", "after-model-load"])
+def test_subprocess_error_has_no_traceback(tiny_folder, tmp_path, extra):
+    env = {**os.environ, "POCKETDIFF_JEMALLOC": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pocketdiff", "generate", PROMPT, "--model", str(tiny_folder),
+                           "--no-progress", *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    _assert_one_line_error(proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("pocketdiff generate: error:")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- models, data, bench ----------------------------------------------------------------------------
+def test_models_json(capsys):
+    from pathlib import Path
+
+    code, stdout, _ = _run(["models", "--json"], capsys)
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(stdout)}
+    assert "tiny-random" in rows
+    assert (Path(rows["tiny-random"]["path"]) / "model_index.json").is_file()
+    assert sum(r["default"] for r in rows.values()) == 1
+
+
+def test_data_shapes(tmp_path, capsys):
+    dest = tmp_path / "shapes"
+    code, _, err = _run(["data", "shapes", "--n", 5, "--out", dest, "--no-progress"], capsys)
+    assert code == 0, err
+    assert len(list(dest.glob("*.png"))) == 5
+    lines = (dest / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    assert all({"file_name", "text"} <= json.loads(line).keys() for line in lines)
+    before = _files(dest)
+    code, _, err = _run(["data", "shapes", "--n", 5, "--out", dest, "--no-progress"], capsys)
+    _assert_one_line_error(code, err)
+    assert _files(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"], "no temp folder left"
+
+
+def test_bench_json(tiny_folder, tmp_path, capsys):
+    target = tmp_path / "bench.json"
+    code, stdout, err = _run(["bench", "--model", tiny_folder, "--runs", 1, "--warmup", 0, "--json", target], capsys)
+    assert code == 0, err
+    rows = json.loads(target.read_text())
+    assert sorted(r["component"] for r in rows) == ["text_encoder", "unet", "vae"]
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert "unet" in stdout
+
+
+def test_bench_json_in_missing_folder(tiny_folder, tmp_path, capsys):
+    code, _, err = _run(["bench", "--model", tiny_folder, "--runs", 1, "--json", tmp_path / "nope" / "b.json"], capsys)
+    _assert_one_line_error(code, err)
