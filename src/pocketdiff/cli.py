@@ -281,6 +281,73 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---- train ------------------------------------------------------------------------------------
+def _add_dataclass_flags(parser, cls, defaults: dict | None = None) -> list[str]:
+    """One --flag per scalar field of a config dataclass (its comment-free name, its type)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if tp not in (int, float, str, bool):
+            continue
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
+                                metavar="BOOL", help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=f"(default: {default})")
+        names.append(f.name)
+    return names
+
+
+def _add_train(sub) -> None:
+    from .train.autoencoder import DEFAULT_TRAIN as VAE_TRAIN
+    from .train.autoencoder import VAERecipe
+    from .train.teacher import DEFAULT_TRAIN as TEACHER_TRAIN
+    from .train.teacher import TeacherRecipe
+    from .train.trainer import TrainConfig
+
+    train = sub.add_parser("train", help="training recipes (resumable; Ctrl-C saves a checkpoint)")
+    recipes = train.add_subparsers(dest="recipe", required=True, parser_class=_Parser)
+    p = recipes.add_parser("vae", help="the Shapes AutoencoderKL (checked by the checker on reconstructions)")
+    p.set_defaults(func=cmd_train, recipe_cls=VAERecipe,
+                   train_fields=_add_dataclass_flags(p, TrainConfig, VAE_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, VAERecipe))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p = recipes.add_parser("teacher", help="the Shapes teacher: SD-style UNet + CLIP text encoder on VAE latents")
+    p.add_argument("--vae", required=True, help="folder of a trained VAE (`pocketdiff train vae` writes OUT/vae)")
+    p.set_defaults(func=cmd_train, recipe_cls=TeacherRecipe,
+                   train_fields=_add_dataclass_flags(p, TrainConfig, TEACHER_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, TeacherRecipe))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig
+
+    try:
+        cfg = TrainConfig(**{k: getattr(args, k) for k in args.train_fields})
+        recipe = args.recipe_cls(**{k: getattr(args, k) for k in args.recipe_fields})
+    except (TypeError, ValueError) as e:
+        raise PocketdiffError(str(e)) from None
+    if args.recipe == "vae":
+        from .train.autoencoder import train_vae
+
+        out = train_vae(cfg, recipe, resume=not args.no_resume)
+    else:
+        from .train.teacher import train_teacher
+
+        if not (Path(args.vae) / "config.json").is_file():
+            raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
+        out = train_teacher(cfg, args.vae, recipe, resume=not args.no_resume)
+    print(f"wrote {out}")
+    return 0
+
+
 # ---- data -------------------------------------------------------------------------------------
 def cmd_data_shapes(args) -> int:
     from .data.shapes import write_dataset
@@ -309,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
     _add_bench(sub)
+    _add_train(sub)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
     p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")

@@ -1,0 +1,207 @@
+"""The Shapes teacher: a scaled-down SD-v1.5 UNet and a CLIP text encoder trained from scratch.
+
+Layout of the UNet follows SD-v1.5 (four stages, two ResNet layers per block, cross-attention
+transformer blocks at every stage but the last, a mid block), so BK-SDM's block removal and the other
+compact designs have real blocks to remove. The text encoder is a transformers ``CLIPTextModel`` over a
+CLIP-format tokenizer of the Shapes vocabulary, trained jointly with the UNet by the diffusion loss.
+
+Recipe: v-prediction (Salimans & Ho 2022) with min-SNR-5 loss weighting (Hang et al. 2023), 10%
+caption dropout for classifier-free guidance, EMA, SD's scaled-linear 1000-step schedule. The VAE's
+latents of a pool of fresh renders are computed once (encoding on the fly would halve throughput).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.shapes import VOCABULARY, caption, sample_batch, sample_scene
+from ..schedule import NoiseSchedule, target_for
+from ..text.tokenizer import build_clip_tokenizer
+from .autoencoder import to_pixels
+from .trainer import TrainConfig, Trainer
+
+SHAPES_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+)
+SHAPES_TEXT = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=32, hidden_act="quick_gelu", projection_dim=128,
+)
+SHAPES_SCHEDULER = dict(
+    _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+    beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+    prediction_type="v_prediction",
+)
+
+
+# The shipped recipe's schedule (about 75 minutes on 2 CPU cores).
+DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=9000, batch_size=48, lr=1e-3, warmup_steps=300,
+                     log_every=50, checkpoint_every=300, monitor_every_s=600, ema_decay=0.999)
+
+
+@dataclass
+class TeacherRecipe:
+    unet: dict = field(default_factory=lambda: dict(SHAPES_UNET))
+    text: dict = field(default_factory=lambda: dict(SHAPES_TEXT))
+    scheduler: dict = field(default_factory=lambda: dict(SHAPES_SCHEDULER))
+    pool_size: int = 60_000  # rendered scenes whose latents are computed once
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # 0: plain MSE
+    monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
+    monitor_steps: int = 20
+    monitor_guidance: float = 4.0
+
+
+def shapes_tokenizer(max_length: int = 32):
+    return build_clip_tokenizer(VOCABULARY, model_max_length=max_length)
+
+
+def build_text_encoder(recipe: TeacherRecipe, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **recipe.text)
+    return CLIPTextModel(cfg)
+
+
+@torch.no_grad()
+def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """Scaled VAE latents (posterior means) of ``n`` fresh renders, and their captions."""
+    rng = np.random.default_rng([seed, 999])
+    lat, caps = [], []
+    for i in tqdm(range(0, n, batch), desc="encoding latent pool", unit="batch"):
+        images, captions, _ = sample_batch(rng, min(batch, n - i), split=split)
+        lat.append(vae.encode(to_pixels(images)).latent_dist.mode() * vae.config.scaling_factor)
+        caps += captions
+    return torch.cat(lat), caps
+
+
+def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_size: int, seed: int,
+                   caption_dropout: float):
+    """batches(step) -> {"latents", "input_ids"}: a pure function of the step (resumable)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+
+    def batches(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
+        input_ids = ids[idx].clone()
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        input_ids[drop] = empty
+        return {"latents": latents[idx], "input_ids": input_ids, "seed": seed * 1_000_003 + step}
+
+    return batches
+
+
+def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 5.0):
+    """The denoising loss of the schedule's prediction type, min-SNR weighted (teacher recipe)."""
+    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+
+    def loss_fn(model, batch: dict, step: int):
+        x0 = batch["latents"]  # (B, 4, 16, 16)
+        b = x0.shape[0]
+        g = torch.Generator().manual_seed(int(batch["seed"]))
+        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].sqrt().view(b, 1, 1, 1)
+        s = (1 - abar[t]).sqrt().view(b, 1, 1, 1)
+        x_t = a * x0 + s * eps
+        states = model["text_encoder"](batch["input_ids"])[0]  # (B, L, D)
+        out = model["unet"](x_t, t, encoder_hidden_states=states).sample
+        target = target_for(schedule.prediction_type, x0, eps, a, s)
+        per = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if min_snr_gamma > 0:
+            snr = abar[t] / (1 - abar[t])
+            w = torch.clamp(snr, max=min_snr_gamma) / snr
+            if schedule.prediction_type == "v_prediction":
+                w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+            elif schedule.prediction_type == "sample":
+                w = torch.clamp(snr, max=min_snr_gamma)
+            per = per * w
+        loss = per.mean()
+        return loss, {"mse": float((out - target).pow(2).mean())}
+
+    return loss_fn
+
+
+def fresh_prompts(n: int, seed: int, split: str = "all", n_objects: int | None = None) -> list[str]:
+    rng = np.random.default_rng([seed, 31337])
+    return [caption(sample_scene(rng, n_objects=n_objects, split=split)) for _ in range(n)]
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, runner: str = "eager"):
+    from ..pipeline import Pipeline
+
+    return Pipeline(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler_config, runner=runner)
+
+
+def monitor_fn(recipe: TeacherRecipe, vae, tokenizer):
+    """Sample fresh prompts with the EMA weights and score them with the checker (catches noise early)."""
+    from ..eval.checker import aggregate, check
+
+    prompts = fresh_prompts(recipe.monitor_n, seed=7)
+
+    def monitor(step: int, model) -> dict:
+        pipe = make_pipeline(model["unet"], vae, model["text_encoder"], tokenizer, recipe.scheduler)
+        images = []
+        for i in range(0, len(prompts), 16):
+            res = pipe(prompts[i:i + 16], steps=recipe.monitor_steps, sampler="ddim",
+                       guidance=recipe.monitor_guidance, seed=i)
+            images += [np.asarray(im) for im in res.images]
+        s = aggregate([check(im, p) for im, p in zip(images, prompts)])
+        return {"all_correct": s["all_correct"], "colour": s["colour"], "shape": s["shape"],
+                "position_present": s["present"], "background": s["background"]}
+
+    return monitor
+
+
+def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe | None = None,
+                  resume: bool = True) -> Path:
+    """Train UNet + text encoder on the VAE's latents; writes ``cfg.out_dir/model`` (a diffusers folder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    recipe = recipe or TeacherRecipe()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
+    tokenizer = shapes_tokenizer()
+    pool_file = out / "latent_pool.safetensors"
+    if pool_file.is_file():
+        latents = load_file(str(pool_file))["latents"]
+        captions = json.loads((out / "latent_pool.json").read_text())
+    else:
+        latents, captions = encode_pool(vae, recipe.pool_size, cfg.seed)
+        save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
+        (out / "latent_pool.json").write_text(json.dumps(captions))
+        (out / "latent_pool.tmp").rename(pool_file)
+    torch.manual_seed(cfg.seed)
+    model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
+                                 "text_encoder": build_text_encoder(recipe, tokenizer)})
+    schedule = NoiseSchedule.from_config(recipe.scheduler)
+    trainer = Trainer(cfg, model, diffusion_loss(schedule, recipe.min_snr_gamma),
+                      latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
+                      monitor=monitor_fn(recipe, vae, tokenizer))
+    trainer.run(resume=resume)
+    final = trainer.ema_model()
+    folder = out / "model"
+    from ..folder import save_components
+
+    card = {"description": "Shapes teacher: scaled-down SD-v1.5 UNet + CLIP text encoder, trained by pocketdiff",
+            "trained": True, "steps_trained": trainer.step, "defaults": {"steps": 25, "sampler": "dpmpp_2m",
+                                                                         "guidance": recipe.monitor_guidance}}
+    save_components(folder, final["unet"], vae, final["text_encoder"], tokenizer, recipe.scheduler, overwrite=True,
+                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    return folder

@@ -1,0 +1,238 @@
+"""The one training loop every recipe runs (consistency_models' style: a recipe is a loss function).
+
+A recipe gives ``loss_fn(model, batch, step) -> (loss, terms)`` and a ``batches(step)`` function; the
+loop owns the rest: accelerate (devices, mixed precision, multi-process), AdamW with warm-up and cosine
+decay, gradient clipping, EMA, a progress bar, a JSONL loss log, periodic checks of sample quality, and
+atomic checkpoints that resume after a kill (data is a function of the step, so resuming reproduces it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+LossFn = Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    ema_decay: float = 0.999  # 0: no EMA
+    ema_warmup: bool = True  # decay ramps as (1 + step) / (10 + step) early on
+    checkpoint_every: int = 500  # steps
+    log_every: int = 25  # steps
+    monitor_every_s: float = 600.0  # seconds between quality checks (monitor callback); 0: off
+    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16" (bf16 is ~100x slower on these CPUs)
+    gradient_checkpointing: bool = False  # for SD-scale models on GPUs
+    seed: int = 0
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0: no limit
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters (kept in float32)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()
+                       if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - d)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        state = module.state_dict()
+        module.load_state_dict({k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in state.items()})
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+    return f
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+class Trainer:
+    """Runs ``cfg.steps`` optimizer steps of ``loss_fn`` over ``batches`` on ``model`` (a Module or ModuleDict)."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, batches: Callable[[int], dict],
+                 monitor: Callable[[int, torch.nn.Module], dict] | None = None,
+                 params: Iterable[torch.nn.Parameter] | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        self.raw_model = model
+        if cfg.gradient_checkpointing:
+            for m in model.modules():
+                if hasattr(m, "enable_gradient_checkpointing"):
+                    m.enable_gradient_checkpointing()
+        params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        self.loss_fn, self.batches, self.monitor = loss_fn, batches, monitor
+        self.step = 0
+        self._stop = False
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        """Write model, EMA, optimizer and step to a temp folder, then swap it in (atomic on POSIX)."""
+        if not self.accelerator.is_main_process:
+            return
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+        if self.ema is not None:
+            save_file(_contiguous(self.ema.shadow), str(tmp / "ema.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2))
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt_dir.exists():
+            self.ckpt_dir.rename(old)
+        tmp.rename(self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> bool:
+        d = self.ckpt_dir
+        if not (d / "state.json").is_file():
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        if self.ema is not None and (d / "ema.safetensors").is_file():
+            self.ema.shadow = load_file(str(d / "ema.safetensors"))
+        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.step = json.loads((d / "state.json").read_text())["step"]
+        return True
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model holding the EMA weights (the model itself when EMA is off)."""
+        import copy
+
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        return model.eval()
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def run(self, resume: bool = True) -> int:
+        """Train to ``cfg.steps`` (from the last checkpoint if ``resume``); returns the step reached."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.load_checkpoint():
+            print(f"resumed from {self.ckpt_dir} at step {self.step}", flush=True)
+        prev = signal.signal(signal.SIGTERM, self._request_stop) if self.accelerator.is_main_process else None
+        cfg = self.cfg
+        start = time.time()
+        last_monitor = time.time()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.out.name, unit="step",
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
+        sums: dict[str, float] = {}
+        n = 0
+        self.model.train()
+        try:
+            while self.step < cfg.steps and not self._stop:
+                batch = self.batches(self.step)
+                with self.accelerator.accumulate(self.model):
+                    loss, terms = self.loss_fn(self.model, batch, self.step)
+                    self.accelerator.backward(loss)
+                    if cfg.grad_clip > 0 and self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.accelerator.unwrap_model(self.model), self.step)
+                self.step += 1
+                n += 1
+                for k, v in {"loss": float(loss.detach()), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    avg = {k: v / n for k, v in sums.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
+                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                               "elapsed_s": round(time.time() - start, 1), **avg})
+                    sums, n = {}, 0
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.monitor is not None and cfg.monitor_every_s > 0 and time.time() - last_monitor > cfg.monitor_every_s:
+                    self._run_monitor()
+                    last_monitor = time.time()
+                if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
+                    print(f"\nstopping at step {self.step}: max_minutes={cfg.max_minutes} reached", flush=True)
+                    break
+        except KeyboardInterrupt:
+            print(f"\ninterrupted at step {self.step}; saving a checkpoint", flush=True)
+        finally:
+            bar.close()
+            self.save_checkpoint()
+            if prev is not None:
+                signal.signal(signal.SIGTERM, prev)
+        if self.monitor is not None and self.step >= cfg.steps:
+            self._run_monitor()
+        return self.step
+
+    def _run_monitor(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        metrics = self.monitor(self.step, self.ema_model())
+        self.model.train()
+        self._log({"step": self.step, "monitor": metrics})
+        tqdm.write(f"[step {self.step}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in metrics.items()))
