@@ -281,6 +281,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---- eval -------------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    from .sampling import SAMPLERS
+
+    p = sub.add_parser("eval", help="Shapes quality: all-correct and per-attribute accuracy on fresh prompts")
+    p.add_argument("--model", default="default", help="model folder or shipped model name")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--n", type=int, default=500, help="number of fresh prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--json", type=Path, help="write the full summary here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .eval.quality import MARKDOWN_HEADER, evaluate, markdown_row
+    from .models.registry import resolve_model
+    from .pipeline import Pipeline
+
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+        raise PocketdiffError("--n, --steps and --batch-size must be >= 1")
+    if not math.isfinite(args.guidance):
+        raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.json is not None and not args.json.parent.exists():
+        raise PocketdiffError(f"{args.json.parent}: folder does not exist; create it or choose another --json path")
+    pipe = Pipeline.from_folder(resolve_model(args.model))
+    r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+                 batch_size=args.batch_size, progress=not args.no_progress)
+    r["model"] = str(args.model)
+    if args.json is not None:
+        args.json.write_text(json.dumps(r, indent=2))
+    print(MARKDOWN_HEADER)
+    print(markdown_row(str(args.model), r))
+    return 0
+
+
 # ---- train ------------------------------------------------------------------------------------
 def _add_dataclass_flags(parser, cls, defaults: dict | None = None) -> list[str]:
     """One --flag per scalar field of a config dataclass (its comment-free name, its type)."""
@@ -377,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     _add_bench(sub)
     _add_train(sub)
+    _add_eval(sub)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
     p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")

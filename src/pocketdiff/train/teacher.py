@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.shapes import VOCABULARY, caption, sample_batch, sample_scene
+from ..data.shapes import VOCABULARY, sample_batch
 from ..schedule import NoiseSchedule, target_for
 from ..text.tokenizer import build_clip_tokenizer
 from .autoencoder import to_pixels
@@ -136,11 +136,6 @@ def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 5.0):
     return loss_fn
 
 
-def fresh_prompts(n: int, seed: int, split: str = "all", n_objects: int | None = None) -> list[str]:
-    rng = np.random.default_rng([seed, 31337])
-    return [caption(sample_scene(rng, n_objects=n_objects, split=split)) for _ in range(n)]
-
-
 def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, runner: str = "eager"):
     from ..pipeline import Pipeline
 
@@ -150,6 +145,7 @@ def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, ru
 def monitor_fn(recipe: TeacherRecipe, vae, tokenizer):
     """Sample fresh prompts with the EMA weights and score them with the checker (catches noise early)."""
     from ..eval.checker import aggregate, check
+    from ..eval.quality import fresh_prompts
 
     prompts = fresh_prompts(recipe.monitor_n, seed=7)
 

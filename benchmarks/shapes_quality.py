@@ -1,0 +1,88 @@
+"""Measure the Shapes VAE and teacher, writing docs/results/shapes_vae.json and shapes_teacher.json.
+
+    python benchmarks/shapes_quality.py vae [--vae FOLDER] [--n 1000]
+    python benchmarks/shapes_quality.py teacher [--model default] [--n 500] [--sweep-n 200]
+
+The teacher is measured as the issue asks: 50 DDIM steps, a sweep of guidance scales on ``--sweep-n``
+fresh prompts, then the best scale on ``--n`` fresh prompts (other seeds than the sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+
+from pocketdiff.bench.measure import bench_component, count_params  # noqa: E402
+from pocketdiff.eval.quality import evaluate  # noqa: E402
+from pocketdiff.models.registry import resolve_model  # noqa: E402
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
+
+
+def measure_vae(vae_dir: Path, n: int) -> dict:
+    from diffusers import AutoencoderKL
+
+    from pocketdiff.train.autoencoder import reconstruction_quality
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+    q = reconstruction_quality(vae, n=n, seed=4242, split="all")
+    return {"name": vae_dir.parent.name if vae_dir.name == "vae" else vae_dir.name, "n": n,
+            "params": count_params(vae), **q}
+
+
+def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], steps: int) -> dict:
+    from pocketdiff.pipeline import Pipeline
+
+    folder = resolve_model(model)
+    pipe = Pipeline.from_folder(folder)
+    row = bench_component("unet", "unet", pipe.unet, resolution=pipe.default_size, batch=1, runs=20, warmup=3,
+                          latent_factor=pipe.vae_scale_factor, seq_len=pipe.tokenizer.model_max_length)
+    info = {"unet_params": count_params(pipe.unet), "text_params": count_params(pipe.text_encoder),
+            "vae_params": count_params(pipe.vae), "unet_gmacs": row["gmacs"], "unet_ms": row["median_ms"],
+            "size_mb": folder_mb(folder)}
+    sweep = []
+    for g in guidances:
+        r = evaluate(pipe, n=sweep_n, steps=steps, sampler="ddim", guidance=g, seed=1000)
+        sweep.append(r)
+        print(f"guidance {g}: all-correct {r['all_correct']:.3f}", file=sys.stderr, flush=True)
+    best_g = max(sweep, key=lambda r: r["all_correct"])["guidance"]
+    best = evaluate(pipe, n=n, steps=steps, sampler="ddim", guidance=best_g, seed=0)
+    return {"name": folder.name, "folder": str(folder), "model": info, "sweep": sweep, "best": best}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    v = sub.add_parser("vae")
+    v.add_argument("--vae", type=Path, default=None, help="VAE folder (default: the default model's vae/)")
+    v.add_argument("--n", type=int, default=1000)
+    t = sub.add_parser("teacher")
+    t.add_argument("--model", default="default")
+    t.add_argument("--n", type=int, default=500)
+    t.add_argument("--sweep-n", type=int, default=200)
+    t.add_argument("--steps", type=int, default=50)
+    t.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    args = ap.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.what == "vae":
+        r = measure_vae(args.vae or resolve_model("default") / "vae", args.n)
+        (RESULTS / "shapes_vae.json").write_text(json.dumps(r, indent=2))
+    else:
+        r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps)
+        (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
+    print(json.dumps(r if args.what == "vae" else r["best"], indent=2, default=float)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

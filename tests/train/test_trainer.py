@@ -1,0 +1,92 @@
+"""The shared training loop: resume reproduces an uninterrupted run; checkpoints are atomic; EMA."""
+
+import json
+
+import pytest
+import torch
+
+from pocketdiff.train.trainer import EMA, TrainConfig, Trainer, lr_lambda
+
+
+def _setup(tmp_path, steps, interrupt_at=None, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    target = torch.nn.Linear(4, 2)
+
+    def batches(step):
+        if step == interrupt_at:
+            raise KeyboardInterrupt  # as Ctrl-C: the trainer saves a checkpoint and returns
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 4, generator=g)
+        return {"x": x, "y": target(x).detach()}
+
+    def loss_fn(m, batch, step):
+        loss = (m(batch["x"]) - batch["y"]).pow(2).mean()
+        return loss, {"mse": float(loss)}
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=steps, batch_size=16, lr=1e-2, warmup_steps=2, log_every=2,
+                      checkpoint_every=3, monitor_every_s=0, ema_decay=0.9, **kw)
+    return Trainer(cfg, model, loss_fn, batches)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = _setup(tmp_path / "full", 10)
+    full.run()
+    part = _setup(tmp_path / "part", 10, interrupt_at=6)
+    assert part.run() == 6
+    resumed = _setup(tmp_path / "part", 10)  # same out_dir: picks up the checkpoint at step 6
+    assert resumed.run() == 10
+    for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    for k in full.ema.shadow:
+        assert torch.allclose(full.ema.shadow[k], resumed.ema.shadow[k], atol=1e-6)
+
+
+def test_checkpoint_layout_and_log(tmp_path):
+    t = _setup(tmp_path, 5)
+    t.run()
+    ckpt = tmp_path / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"}
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 5
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.old").exists()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5] and all("mse" in r for r in records)
+
+
+def test_no_resume_starts_over(tmp_path):
+    _setup(tmp_path, 4).run()
+    t = _setup(tmp_path, 4)
+    assert t.run(resume=False) == 4 and t.step == 4
+
+
+def test_loss_decreases(tmp_path):
+    t = _setup(tmp_path, 60)
+    t.run()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+
+
+def test_ema_tracks_and_copies():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5, warmup=False)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m, step=100)
+    assert torch.allclose(ema.shadow["weight"], before["weight"] + 0.5)
+    other = torch.nn.Linear(2, 2)
+    ema.copy_to(other)
+    assert torch.allclose(other.weight, ema.shadow["weight"])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(ema_decay=1.0), dict(mixed_precision="fp8")])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
