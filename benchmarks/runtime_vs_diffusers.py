@@ -60,7 +60,7 @@ CASES = {
     "tiny-random (shipped)": (lambda: tiny_components(0), 16, 25, 1, 15),
     "small (Shapes-size UNet, 64px)": (small_components, 64, 25, 1, 9),
     "small, batch 4": (small_components, 64, 25, 4, 5),
-    "SD-v1.5 (random weights, 256px)": (sd15_components, 256, 4, 1, 3),
+    "SD-v1.5 (random weights, 128px)": (sd15_components, 128, 4, 1, 2),
 }
 
 

@@ -242,3 +242,27 @@ def test_bench_json(tiny_folder, tmp_path, capsys):
 def test_bench_json_in_missing_folder(tiny_folder, tmp_path, capsys):
     code, _, err = _run(["bench", "--model", tiny_folder, "--runs", 1, "--json", tmp_path / "nope" / "b.json"], capsys)
     _assert_one_line_error(code, err)
+
+
+def test_eval_writes_json_and_markdown_row(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", str(tiny_folder), "--n", "4", "--steps", "2", "--batch-size", "2", "--json", str(out),
+               "--no-progress"])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert summary["n"] == 4 and 0.0 <= summary["all_correct"] <= 1.0 and summary["seconds_per_image"] > 0
+    assert set(summary["by_count"]) == {"1", "2", "3"} or set(summary["by_count"]) == {1, 2, 3}
+    assert "| " + str(tiny_folder) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--n", "0"], ["--guidance", "nan"], ["--json", "/nonexistent/dir/x.json"]])
+def test_eval_bad_input_is_one_line(tiny_folder, capsys, args):
+    rc = main(["eval", "--model", str(tiny_folder), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_train_rejects_bad_config_in_one_line(tmp_path, capsys):
+    rc = main(["train", "vae", "--out-dir", str(tmp_path / "v"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "steps" in err and len(err.strip().splitlines()) == 1

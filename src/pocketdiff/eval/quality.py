@@ -13,7 +13,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from ..data.shapes import caption, sample_scene
+from ..data.shapes import IMAGE_SIZE, caption, sample_scene
 from .checker import aggregate, check
 
 
@@ -32,7 +32,8 @@ def evaluate(pipe, *, n: int = 500, steps: int = 25, sampler: str = "dpmpp_2m", 
     for i in tqdm(range(0, n, batch_size), desc=f"eval {sampler} {steps} steps g={guidance}", disable=not progress):
         chunk = prompts[i:i + batch_size]
         t0 = time.perf_counter()
-        out = pipe(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + i)
+        out = pipe(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, height=IMAGE_SIZE,
+                   width=IMAGE_SIZE)
         seconds += time.perf_counter() - t0
         results += [check(np.asarray(im), p) for im, p in zip(out.images, chunk)]
     summary = aggregate(results)
