@@ -60,6 +60,26 @@ def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], st
     return {"name": folder.name, "folder": str(folder), "model": info, "sweep": sweep, "best": best}
 
 
+def write_card(folder: Path, r: dict) -> None:
+    """Store the measured table in the model folder: pocketdiff.json (defaults, quality) and README.md."""
+    from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
+
+    card_file = folder / "pocketdiff.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    best = r["best"]
+    card.setdefault("defaults", {}).update({"guidance": best["guidance"]})
+    card["quality"] = {k: best[k] for k in ("n", "steps", "sampler", "guidance", "all_correct", "seconds_per_image")}
+    card["quality"]["single_object_all_correct"] = best["by_count"][1]["all_correct"]
+    card["quality"]["heldout_all_correct"] = best["by_split"]["heldout"]["all_correct"]
+    card["model"] = r["model"]
+    card_file.write_text(json.dumps(card, indent=2, default=float))
+    rows = "\n".join(markdown_row(folder.name, x) for x in [best] + r["sweep"])
+    (folder / "README.md").write_text(
+        f"# {folder.name}\n\n{card.get('description', '')}\n\nMeasured by `python benchmarks/shapes_quality.py "
+        f"teacher --write-card` (first row: the best guidance on {best['n']} fresh prompts; then the sweep):\n\n"
+        f"{MARKDOWN_HEADER}\n{rows}\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -72,6 +92,7 @@ def main(argv=None) -> int:
     t.add_argument("--sweep-n", type=int, default=200)
     t.add_argument("--steps", type=int, default=50)
     t.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    t.add_argument("--write-card", action="store_true", help="store the results in the model folder's card")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "vae":
@@ -80,6 +101,8 @@ def main(argv=None) -> int:
     else:
         r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps)
         (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
+        if args.write_card:
+            write_card(Path(r["folder"]), r)
     print(json.dumps(r if args.what == "vae" else r["best"], indent=2, default=float)[:2000])
     return 0
 

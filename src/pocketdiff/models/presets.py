@@ -53,9 +53,20 @@ def text_encoder_from_config(config: dict) -> torch.nn.Module:
     return CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
 
 
+def compact_unet(name: str, teacher: dict = SD15_UNET) -> torch.nn.Module:
+    """A ``compact.COMPACT_PRESETS`` student of ``teacher`` (compact is imported on first use)."""
+    from .compact import COMPACT_PRESETS
+
+    return unet_from_config(COMPACT_PRESETS[name](teacher))
+
+
 # name -> (component kind, factory). Kinds: "unet", "vae", "text_encoder".
 ARCH_PRESETS: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
     "sd15-unet": ("unet", lambda: unet_from_config(SD15_UNET)),
+    "bk-sdm-base": ("unet", lambda: compact_unet("bk-base")),
+    "bk-sdm-small": ("unet", lambda: compact_unet("bk-small")),
+    "bk-sdm-tiny": ("unet", lambda: compact_unet("bk-tiny")),
+    "mobile-sd": ("unet", lambda: compact_unet("mobile")),
     "sd15-vae": ("vae", lambda: vae_from_config(SD15_VAE)),
     "sd15-text-encoder": ("text_encoder", lambda: text_encoder_from_config(SD15_TEXT)),
 }
