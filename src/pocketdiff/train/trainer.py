@@ -187,7 +187,9 @@ class Trainer:
         self.model.train()
         try:
             while self.step < cfg.steps and not self._stop:
-                batch = self.batches(self.step)
+                # each process draws its own batch; a pure function of (step, rank) keeps resume exact
+                acc = self.accelerator
+                batch = self.batches(self.step * acc.num_processes + acc.process_index)
                 with self.accelerator.accumulate(self.model):
                     loss, terms = self.loss_fn(self.model, batch, self.step)
                     self.accelerator.backward(loss)
