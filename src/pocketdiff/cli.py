@@ -363,6 +363,14 @@ def _add_train(sub) -> None:
                    train_fields=_add_dataclass_flags(p, TrainConfig, TEACHER_TRAIN),
                    recipe_fields=_add_dataclass_flags(p, TeacherRecipe))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    from .train.kd import DEFAULT_TRAIN as KD_TRAIN
+    from .train.kd import KDRecipe
+
+    p = recipes.add_parser("kd", help="knowledge distillation of a compact UNet (BK-SDM) from a teacher folder")
+    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
+    p.set_defaults(func=cmd_train, recipe_cls=KDRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, KD_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, KDRecipe))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
 
 
 def cmd_train(args) -> int:
@@ -377,6 +385,14 @@ def cmd_train(args) -> int:
         from .train.autoencoder import train_vae
 
         out = train_vae(cfg, recipe, resume=not args.no_resume)
+    elif args.recipe == "kd":
+        from .models.registry import resolve_model
+        from .train.kd import train_kd
+
+        try:
+            out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=not args.no_resume)
+        except ValueError as e:
+            raise PocketdiffError(str(e)) from None
     else:
         from .train.teacher import train_teacher
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from pocketdiff.models.compact import bk_sdm_config, init_student_from_teacher
 from pocketdiff.schedule import NoiseSchedule
-from pocketdiff.train.kd import KDRecipe, feature_pairs, kd_loss
+from pocketdiff.train.kd import KDRecipe, feature_pairs, kd_loss, kd_model
 
 TEACHER = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16, 16),
@@ -57,21 +57,25 @@ def test_feature_pairs(variant, expected):
 @pytest.mark.parametrize("variant", ["base", "small", "tiny"])
 def test_kd_loss_terms(variant):
     teacher, student, text_encoder = _models(variant)
-    loss_fn = kd_loss(teacher, student, text_encoder, NoiseSchedule(), KDRecipe(student=f"bk-{variant}"))
-    loss, terms = loss_fn(student, _batches(0), 0)
+    model = kd_model(student, teacher)
+    assert len(model["adapters"]) == 0  # BK students keep the teacher's widths
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(student=f"bk-{variant}"))
+    loss, terms = loss_fn(model, _batches(0), 0)
     assert torch.isfinite(loss) and set(terms) == {"task", "out_kd", "feat_kd"}
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     taps_s, taps_t = loss_fn.taps
     for k, v in feature_pairs(student, teacher).items():
-        assert taps_s.features[k].shape == taps_t.features[v].shape
+        if k in taps_s.features:
+            assert taps_s.features[k].shape == taps_t.features[v].shape
 
 
 def test_feature_kd_is_zero_when_student_equals_teacher():
     """Base inherits every block it keeps; with the teacher as its own student every term but the task is 0."""
     teacher, _, text_encoder = _models("base")
-    loss_fn = kd_loss(teacher, teacher, text_encoder, NoiseSchedule(), KDRecipe(task_weight=0.0))
-    loss, terms = loss_fn(teacher, _batches(1), 1)
+    model = torch.nn.ModuleDict({"unet": teacher, "adapters": torch.nn.ModuleDict()})
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(task_weight=0.0))
+    loss, terms = loss_fn(model, _batches(1), 1)
     assert terms["out_kd"] == 0.0 and terms["feat_kd"] == 0.0 and loss.item() == 0.0
 
 
@@ -82,13 +86,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from pocketdiff.train.trainer import TrainConfig, Trainer
 
     teacher, student, text_encoder = _models("tiny")
-    loss_fn = kd_loss(teacher, student, text_encoder, NoiseSchedule(), KDRecipe())
+    model = kd_model(student, teacher)
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe())
     cfg = TrainConfig(out_dir=out_dir, steps=3, batch_size=2, lr=1e-2, warmup_steps=1, log_every=1,
                       checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
-    trainer = Trainer(cfg, student, loss_fn, _batches)
+    trainer = Trainer(cfg, model, loss_fn, _batches)
     assert trainer.accelerator.num_processes == world
     trainer.run(resume=False)
-    state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    state = trainer.raw_model["unet"].state_dict()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({k: v.double().sum().item() for k, v in state.items()}, f)
 
@@ -106,3 +111,20 @@ def test_two_cpu_processes_keep_identical_replicas(tmp_path):
     _, fresh, _ = _models("tiny")
     init = {k: v.double().sum().item() for k, v in fresh.state_dict().items()}
     assert any(abs(init[k] - r0[k]) > 1e-6 for k in r0)  # training moved the weights
+
+
+def test_mobile_student_gets_channel_adapters():
+    """A narrower student (MobileDiffusion-style) is distilled through learned 1x1 adapters."""
+    from diffusers import UNet2DConditionModel
+
+    from pocketdiff.models.compact import mobile_config
+
+    teacher, _, text_encoder = _models("base")
+    torch.manual_seed(0)
+    student = UNet2DConditionModel(**mobile_config(TEACHER))
+    model = kd_model(student, teacher)
+    assert len(model["adapters"]) > 0
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(student="mobile"))
+    loss, terms = loss_fn(model, _batches(2), 2)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model["adapters"].parameters())

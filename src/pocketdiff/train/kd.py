@@ -62,14 +62,48 @@ class FeatureTaps:
             h.remove()
 
 
-def kd_loss(teacher: torch.nn.Module, student: torch.nn.Module, text_encoder: torch.nn.Module,
-            schedule: NoiseSchedule, recipe: KDRecipe):
-    """The BK-SDM loss as a recipe loss function ``(model, batch, step) -> (loss, terms)``.
+@torch.no_grad()
+def probe_stage_shapes(unet: torch.nn.Module, names: list[str], side: int) -> dict[str, tuple[int, ...]]:
+    """Output shape (C, h, w) of each named stage, from one forward on a (1, C, side, side) latent."""
+    taps = FeatureTaps(unet, names)
+    x = torch.zeros(1, unet.config.in_channels, side, side)
+    ctx = torch.zeros(1, 1, unet.config.cross_attention_dim)
+    try:
+        unet(x, torch.tensor([1]), encoder_hidden_states=ctx)
+    finally:
+        taps.remove()
+    return {n: tuple(f.shape[1:]) for n, f in taps.features.items()}
 
-    ``student`` is the unwrapped student (hooks live there); ``model`` passed in by the trainer may be its
-    DDP wrapper and is what is called, so gradients synchronise.
+
+def matched_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Stage pairs whose outputs have the same resolution: student name -> (teacher name, C_s, C_t).
+
+    Probed with one tiny forward of each net; pairs at different resolutions (e.g. a student that ends
+    its down path earlier) are left out rather than resized.
     """
     pairs = feature_pairs(student, teacher)
+    side = 2 ** len(teacher.down_blocks)  # the smallest latent every stage of the deeper net accepts
+    shape_s = probe_stage_shapes(student, list(pairs), side)
+    shape_t = probe_stage_shapes(teacher, list(pairs.values()), side)
+    return {k: (v, shape_s[k][0], shape_t[v][0]) for k, v in pairs.items() if shape_s[k][1:] == shape_t[v][1:]}
+
+
+def kd_model(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.ModuleDict:
+    """The trainable modules of KD: the student and a 1x1-conv adapter for each stage pair whose channel
+    counts differ (FitNets-style hints, for students narrower than their teacher such as "mobile")."""
+    adapters = torch.nn.ModuleDict({k.replace(".", "_"): torch.nn.Conv2d(cs, ct, kernel_size=1)
+                                    for k, (_, cs, ct) in matched_pairs(student, teacher).items() if cs != ct})
+    return torch.nn.ModuleDict({"unet": student, "adapters": adapters})
+
+
+def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, schedule: NoiseSchedule,
+            recipe: KDRecipe):
+    """The BK-SDM loss as a recipe loss function ``(model, batch, step) -> (loss, terms)``.
+
+    ``model`` is :func:`kd_model`'s ModuleDict (student + adapters); hooks are registered on its student.
+    """
+    student = model["unet"]
+    pairs = {k: v for k, (v, _, _) in matched_pairs(student, teacher).items()}
     taps_s = FeatureTaps(student, list(pairs))
     taps_t = FeatureTaps(teacher, list(pairs.values()))
     abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
@@ -86,13 +120,66 @@ def kd_loss(teacher: torch.nn.Module, student: torch.nn.Module, text_encoder: to
         with torch.no_grad():
             states = text_encoder(batch["input_ids"])[0]  # (B, L, D)
             out_t = teacher(x_t, t, encoder_hidden_states=states).sample
-        out_s = model(x_t, t, encoder_hidden_states=states).sample
+        out_s = model["unet"](x_t, t, encoder_hidden_states=states).sample
         target = target_for(schedule.prediction_type, x0, eps, a, s)
         task = (out_s - target).pow(2).mean()
         out_kd = (out_s - out_t).pow(2).mean()
-        feat = sum((taps_s.features[k] - taps_t.features[v].detach()).pow(2).mean() for k, v in pairs.items())
+        feat = out_s.new_zeros(())
+        for k, v in pairs.items():
+            f_s = taps_s.features[k]  # (B, C_s, h, w)
+            adapter = model["adapters"][k.replace(".", "_")] if k.replace(".", "_") in model["adapters"] else None
+            f_s = adapter(f_s) if adapter is not None else f_s
+            feat = feat + (f_s - taps_t.features[v].detach()).pow(2).mean()
         loss = recipe.task_weight * task + recipe.output_weight * out_kd + recipe.feature_weight * feat
         return loss, {"task": float(task), "out_kd": float(out_kd), "feat_kd": float(feat)}
 
     loss_fn.taps = (taps_s, taps_t)  # kept alive with the closure; removable by the caller
     return loss_fn
+
+
+# The shipped recipe's schedule for the Shapes students.
+DEFAULT_TRAIN = dict(out_dir="runs/shapes-kd", steps=6000, batch_size=48, lr=5e-4, warmup_steps=200, log_every=50,
+                     checkpoint_every=300, monitor_every_s=600, ema_decay=0.999)
+
+
+def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = True):
+    """Distil a compact student from a teacher folder; writes ``cfg.out_dir/model`` (the student pipeline)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from ..folder import load_components, save_components
+    from ..models.compact import COMPACT_PRESETS, init_student_from_teacher
+    from .teacher import encode_pool, latent_batches, monitor_fn, TeacherRecipe
+    from .trainer import Trainer
+
+    recipe = recipe or KDRecipe()
+    if recipe.student not in COMPACT_PRESETS:
+        raise ValueError(f"unknown student {recipe.student!r}; choose one of {', '.join(COMPACT_PRESETS)}")
+    parts = load_components(teacher_dir)
+    teacher, vae, text_encoder, tokenizer = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
+    sched_cfg = parts["scheduler_config"]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    config = COMPACT_PRESETS[recipe.student](dict(teacher.config))
+    student = UNet2DConditionModel(**config)
+    if recipe.inherit and recipe.student.startswith("bk-"):
+        init_student_from_teacher(student, teacher, recipe.student.removeprefix("bk-"))
+    latents, captions = encode_pool(vae, recipe.pool_size, cfg.seed)
+    model = kd_model(student, teacher)
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)
+    monitor_recipe = TeacherRecipe(scheduler=sched_cfg)
+    student_monitor = monitor_fn(monitor_recipe, vae, tokenizer)
+    trainer = Trainer(cfg, model, loss_fn,
+                      latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
+                      monitor=lambda step, m: student_monitor(step, {"unet": m["unet"], "text_encoder": text_encoder}))
+    trainer.run(resume=resume)
+    folder = out / "model"
+    card = {"description": f"{recipe.student} student distilled (BK-SDM KD) from {Path(teacher_dir).name}",
+            "trained": True, "steps_trained": trainer.step, "teacher": str(teacher_dir),
+            "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
+    save_components(folder, trainer.ema_model()["unet"], vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
+                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    return folder

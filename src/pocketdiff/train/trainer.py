@@ -84,6 +84,22 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+class _LossModule(torch.nn.Module):
+    """model + recipe loss as one module whose forward is the loss.
+
+    accelerate wraps *this* in DistributedDataParallel, so every recipe, whatever submodules its loss
+    calls (UNet, text encoder, adapters), runs its forward through DDP and synchronises gradients.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict, step: int):
+        return self.loss_fn(self.model, batch, step)
+
+
 def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -107,9 +123,10 @@ class Trainer:
         params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(_LossModule(model, loss_fn),
+                                                                              self.optimizer, self.scheduler)
         self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.loss_fn, self.batches, self.monitor = loss_fn, batches, monitor
+        self.batches, self.monitor = batches, monitor
         self.step = 0
         self._stop = False
 
@@ -125,8 +142,7 @@ class Trainer:
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model = self.accelerator.unwrap_model(self.model)
-        save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
+        save_file(_contiguous(self.raw_model.state_dict()), str(tmp / "model.safetensors"))
         if self.ema is not None:
             save_file(_contiguous(self.ema.shadow), str(tmp / "ema.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -143,8 +159,7 @@ class Trainer:
         d = self.ckpt_dir
         if not (d / "state.json").is_file():
             return False
-        model = self.accelerator.unwrap_model(self.model)
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        self.raw_model.load_state_dict(load_file(str(d / "model.safetensors")))
         if self.ema is not None and (d / "ema.safetensors").is_file():
             self.ema.shadow = load_file(str(d / "ema.safetensors"))
         opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -157,7 +172,7 @@ class Trainer:
         """A copy of the model holding the EMA weights (the model itself when EMA is off)."""
         import copy
 
-        model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        model = copy.deepcopy(self.raw_model)
         if self.ema is not None:
             self.ema.copy_to(model)
         return model.eval()
@@ -191,7 +206,7 @@ class Trainer:
                 acc = self.accelerator
                 batch = self.batches(self.step * acc.num_processes + acc.process_index)
                 with self.accelerator.accumulate(self.model):
-                    loss, terms = self.loss_fn(self.model, batch, self.step)
+                    loss, terms = self.model(batch, self.step)
                     self.accelerator.backward(loss)
                     if cfg.grad_clip > 0 and self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -199,7 +214,7 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.update(self.accelerator.unwrap_model(self.model), self.step)
+                    self.ema.update(self.raw_model, self.step)
                 self.step += 1
                 n += 1
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
