@@ -251,6 +251,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per call (the UNet runs 2x for CFG)")
     p.add_argument("--runs", type=int, default=10, help="timed runs after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs")
+    p.add_argument("--per-block", action="store_true",
+                   help="time every UNet block alone (ResNet, attention, samplers): a latency lookup table")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench)
 
@@ -267,6 +269,24 @@ def cmd_bench(args) -> int:
         raise PocketdiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.json is not None and not args.json.parent.exists():
         raise PocketdiffError(f"{args.json.parent}: folder does not exist; create it or choose another --json path")
+    if args.per_block:
+        from .bench.blocks import blocks_markdown, per_block_latency
+
+        if args.arch:
+            kind = presets.ARCH_PRESETS[args.arch][0]
+            if kind != "unet":
+                raise PocketdiffError(f"--per-block needs a UNet; {args.arch} is a {kind}")
+            _, unet = presets.build(args.arch)
+            res, factor = args.resolution or 512, 8
+        else:
+            pipe = Pipeline.from_folder(resolve_model(args.model or "default"))
+            unet, res, factor = pipe.unet, args.resolution or pipe.default_size, pipe.vae_scale_factor
+        rows = per_block_latency(unet, resolution=res, batch=args.batch, runs=args.runs, warmup=args.warmup,
+                                 latent_factor=factor)
+        print(blocks_markdown(rows))
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     if args.arch:
         kind, module = presets.build(args.arch)
         rows = [measure.bench_component(args.arch, kind, module, resolution=args.resolution or 512, batch=args.batch,
