@@ -266,3 +266,24 @@ def test_train_rejects_bad_config_in_one_line(tmp_path, capsys):
     rc = main(["train", "vae", "--out-dir", str(tmp_path / "v"), "--steps", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "steps" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runner_spacing_negative_prompt_and_size(tiny_folder, out, capsys):
+    """--runner trace gives the same pixels as eager; spacing, negative prompt and size options take effect."""
+    base = [PROMPT, "--seed", 3, "--guidance", 5.0, "--width", 32, "--height", 16]
+    code, _, err = _run(_generate(tiny_folder, *base, "--runner", "eager", "-o", out / "eager.png"), capsys)
+    assert code == 0, err
+    code, _, err = _run(_generate(tiny_folder, *base, "--runner", "trace", "-o", out / "trace.png"), capsys)
+    assert code == 0, err
+    eager, traced = _pixels(out / "eager.png"), _pixels(out / "trace.png")
+    assert eager.shape == (16, 32, 3) and np.abs(eager - traced).max() <= 1
+    code, _, err = _run(_generate(tiny_folder, *base, "--negative-prompt", "a large blue circle",
+                                  "-o", out / "neg.png"), capsys)
+    assert code == 0, err
+    assert np.abs(_pixels(out / "neg.png") - eager).max() > 0
+    assert Image.open(out / "neg.png").text["negative_prompt"] == "a large blue circle"
+    code, _, err = _run(_generate(tiny_folder, *base, "--sampler", "ddim", "--timestep-spacing", "trailing",
+                                  "-o", out / "trailing.png"), capsys)
+    assert code == 0, err
+    code, _, err = _run(_generate(tiny_folder, *base, "--sampler", "ddim", "-o", out / "leading.png"), capsys)
+    assert np.abs(_pixels(out / "trailing.png") - _pixels(out / "leading.png")).max() > 0
