@@ -34,7 +34,10 @@ def _fail(prog: str, message: str) -> int:
 
 
 def _one_line_warnings() -> None:
-    """Our warnings as 'warning: ...' lines; library chatter (deprecations) silenced."""
+    """Our warnings as 'warning: ...' lines; library chatter (deprecations, log warnings) silenced."""
+    import logging
+
+    logging.disable(logging.WARNING)  # libraries' log records below ERROR (ours go through `warnings`)
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("always", category=PromptTruncatedWarning)
 
