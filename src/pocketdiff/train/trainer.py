@@ -109,7 +109,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, batches: Callable[[int], dict],
                  monitor: Callable[[int, torch.nn.Module], dict] | None = None,
-                 params: Iterable[torch.nn.Parameter] | None = None):
+                 params: Iterable[torch.nn.Parameter] | None = None,
+                 after_step: Callable[[int, torch.nn.Module], None] | None = None):
+        """``after_step(step, model)`` runs after every optimizer step and EMA update, on the unwrapped model
+        (e.g. LCD's EMA *target* network; keep such state inside ``model`` so checkpoints carry it)."""
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -126,7 +129,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(_LossModule(model, loss_fn),
                                                                               self.optimizer, self.scheduler)
         self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.batches, self.monitor = batches, monitor
+        self.batches, self.monitor, self.after_step = batches, monitor, after_step
         self.step = 0
         self._stop = False
 
@@ -215,6 +218,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.raw_model, self.step)
+                if self.after_step is not None:
+                    self.after_step(self.step, self.raw_model)
                 self.step += 1
                 n += 1
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
