@@ -343,6 +343,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- quantize ---------------------------------------------------------------------------------
+def _add_quantize(sub) -> None:
+    from .quant import MODES, RUNTIMES
+
+    p = sub.add_parser("quantize", help="int8 UNet weights per output channel: a ~4x smaller UNet file")
+    p.add_argument("src", help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, help="the quantized model folder to write")
+    p.add_argument("--mode", choices=list(MODES), default="weight_only",
+                   help="weight_only: activations stay float (W8A16/W8A32); dynamic: Linear activations int8 per call")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="int8",
+                   help="after loading: int8 (int8 in memory, dequantized per call), dequant (float once at load), "
+                        "torchao (torchao int8 Linear kernels)")
+    p.add_argument("--max-error", type=float, default=0.05,
+                   help="fail if the UNet output moves more than this (relative L2; default 0.05)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from .models.registry import resolve_model
+    from .quant import quantize_folder
+
+    if not math.isfinite(args.max_error) or args.max_error <= 0:
+        raise PocketdiffError(f"--max-error must be a positive number, got {args.max_error}")
+    dest = quantize_folder(resolve_model(args.src), args.output, mode=args.mode, runtime=args.runtime,
+                           overwrite=args.overwrite, max_rel_error=args.max_error)
+    report = json.loads((dest / "pocketdiff.json").read_text())["quantization"]
+    for name, r in report["components"].items():
+        print(f"{name}: {r['modules']} layers int8 ({report['method']}), {r['bytes_before'] / 1e6:.2f} MB -> "
+              f"{r['bytes_after'] / 1e6:.2f} MB ({r['bytes_before'] / r['bytes_after']:.2f}x smaller), "
+              f"output error {r['rel_error']:.2%}")
+    print(f"wrote {dest}")
+    return 0
+
+
 # ---- train ------------------------------------------------------------------------------------
 def _add_dataclass_flags(parser, cls, defaults: dict | None = None) -> list[str]:
     """One --flag per scalar field of a config dataclass (its comment-free name, its type)."""
@@ -394,6 +429,15 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train, recipe_cls=KDRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, KD_TRAIN),
                    recipe_fields=_add_dataclass_flags(p, KDRecipe))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    from .train.lcm import DEFAULT_TRAIN as LCM_TRAIN
+    from .train.lcm import LCMRecipe
+
+    p = recipes.add_parser("lcm", help="latent consistency distillation (LCM, or LCM-LoRA with --lora-rank) from a "
+                                       "teacher folder; --student teacher|FOLDER")
+    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
+    p.set_defaults(func=cmd_train, recipe_cls=LCMRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, LCM_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, LCMRecipe))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
 
 
 def cmd_train(args) -> int:
@@ -414,6 +458,16 @@ def cmd_train(args) -> int:
 
         try:
             out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=not args.no_resume)
+        except ValueError as e:
+            raise PocketdiffError(str(e)) from None
+    elif args.recipe == "lcm":
+        from .models.registry import resolve_model
+        from .train.lcm import train_lcm
+
+        if recipe.student != "teacher":
+            recipe.student = str(resolve_model(recipe.student))
+        try:
+            out = train_lcm(cfg, resolve_model(args.teacher), recipe, resume=not args.no_resume)
         except ValueError as e:
             raise PocketdiffError(str(e)) from None
     else:
@@ -456,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_quantize(sub)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
     p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")

@@ -150,6 +150,10 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
     else:
         raise ModelFolderError(f"{sub}: component class {class_name!r} is not supported "
                                f"(supported: {', '.join(_DIFFUSERS_MODELS + _TRANSFORMERS_MODELS)})")
+    if (sub / "quantization.json").is_file():  # int8 weights written by `pocketdiff quantize`
+        from .quant import load_quantized
+
+        return load_quantized(model, sub, stem)
     state = load_state_dict(sub, stem, trust_pickle)
     _check_and_load(model, state, sub, stem)
     return model.eval().requires_grad_(False)
