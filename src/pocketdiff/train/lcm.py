@@ -306,16 +306,15 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     loss_fn = lcm_loss(teacher, text_encoder, schedule, recipe, uncond, teacher_schedule.prediction_type)
     out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
-    monitor = None
-    if cfg.monitor_every_s > 0:
-        lcm_monitor = _lcm_monitor(vae, tokenizer, text_encoder, out_sched, guidance)
+    lcm_monitor = _lcm_monitor(vae, tokenizer, text_encoder, out_sched, guidance)
 
-        def monitor(step, m):
-            return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
+    def monitor(step, m):
+        return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
 
     trainer = Trainer(cfg, model, loss_fn,
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=monitor, after_step=lambda step, m: update_target(m, target_decay))
+                      monitor=monitor if cfg.monitor_every_s > 0 else None,
+                      after_step=lambda step, m: update_target(m, target_decay))
     trainer.run(resume=resume)
 
     final = trainer.ema_model()["unet"]
