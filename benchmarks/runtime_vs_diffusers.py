@@ -29,20 +29,17 @@ from pocketdiff.pipeline import Pipeline  # noqa: E402
 
 
 def small_components() -> dict:
-    """A Shapes-teacher-sized model: 16x16x4 latents (64 px), UNet channels 64/128/256/256."""
-    c = tiny_components(0)
+    """The Shapes teacher's architecture (UNet, VAE, CLIP text encoder), random weights, 64 px."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from pocketdiff.train.autoencoder import SHAPES_VAE
+    from pocketdiff.train.teacher import SHAPES_SCHEDULER, SHAPES_UNET, TeacherRecipe, build_text_encoder, shapes_tokenizer
+
     torch.manual_seed(0)
-    c["unet"] = presets.unet_from_config(dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=32))
-    torch.manual_seed(0)
-    c["vae"] = presets.vae_from_config(dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
-        sample_size=64, scaling_factor=0.5))
-    return c
+    tok = shapes_tokenizer()
+    return dict(unet=UNet2DConditionModel(**SHAPES_UNET).eval(), vae=AutoencoderKL(**SHAPES_VAE).eval(),
+                text_encoder=build_text_encoder(TeacherRecipe(), tok).eval(), tokenizer=tok,
+                scheduler_config=dict(SHAPES_SCHEDULER))
 
 
 def sd15_components() -> dict:
@@ -58,8 +55,8 @@ def sd15_components() -> dict:
 CASES = {
     # name: (components factory, resolution, steps, batch, repeats)
     "tiny-random (shipped)": (lambda: tiny_components(0), 16, 25, 1, 15),
-    "small (Shapes-size UNet, 64px)": (small_components, 64, 25, 1, 9),
-    "small, batch 4": (small_components, 64, 25, 4, 5),
+    "Shapes teacher architecture (64px)": (small_components, 64, 25, 1, 9),
+    "Shapes teacher architecture, batch 4": (small_components, 64, 25, 4, 5),
     "SD-v1.5 (random weights, 128px)": (sd15_components, 128, 4, 1, 2),
 }
 
