@@ -224,6 +224,18 @@ def cmd_generate(args) -> int:
 
 
 # ---- models -----------------------------------------------------------------------------------
+def _check_json_out(path: Path | None, overwrite: bool) -> None:
+    """Fail before any work if a --json path cannot be written, or would replace a file unasked."""
+    if path is None:
+        return
+    if not path.parent.exists():
+        raise PocketdiffError(f"{path.parent}: folder does not exist; create it or choose another --json path")
+    if path.is_dir():
+        raise PocketdiffError(f"{path}: is a folder; give --json a file path")
+    if path.exists() and not overwrite:
+        raise PocketdiffError(f"{path}: already exists; pass --overwrite or choose another --json path")
+
+
 def cmd_models(args) -> int:
     from .models.registry import default_model_name, model_card, shipped_models
 
@@ -257,6 +269,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--per-block", action="store_true",
                    help="time every UNet block alone (ResNet, attention, samplers): a latency lookup table")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 
 
@@ -270,8 +283,7 @@ def cmd_bench(args) -> int:
         raise PocketdiffError("--runs and --batch must be >= 1 and --warmup >= 0")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise PocketdiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    if args.json is not None and not args.json.parent.exists():
-        raise PocketdiffError(f"{args.json.parent}: folder does not exist; create it or choose another --json path")
+    _check_json_out(args.json, args.overwrite)
     if args.per_block:
         from .bench.blocks import blocks_markdown, per_block_latency
 
@@ -317,6 +329,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--json", type=Path, help="write the full summary here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -330,8 +343,7 @@ def cmd_eval(args) -> int:
         raise PocketdiffError("--n, --steps and --batch-size must be >= 1")
     if not math.isfinite(args.guidance):
         raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
-    if args.json is not None and not args.json.parent.exists():
-        raise PocketdiffError(f"{args.json.parent}: folder does not exist; create it or choose another --json path")
+    _check_json_out(args.json, args.overwrite)
     pipe = Pipeline.from_folder(resolve_model(args.model))
     r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=not args.no_progress)
@@ -448,34 +460,32 @@ def cmd_train(args) -> int:
         recipe = args.recipe_cls(**{k: getattr(args, k) for k in args.recipe_fields})
     except (TypeError, ValueError) as e:
         raise PocketdiffError(str(e)) from None
-    if args.recipe == "vae":
-        from .train.autoencoder import train_vae
+    from .models.registry import resolve_model
 
-        out = train_vae(cfg, recipe, resume=not args.no_resume)
-    elif args.recipe == "kd":
-        from .models.registry import resolve_model
-        from .train.kd import train_kd
+    if args.recipe == "teacher" and not (Path(args.vae) / "config.json").is_file():
+        raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
+    if args.recipe == "lcm" and recipe.student != "teacher":
+        recipe.student = str(resolve_model(recipe.student))
+    resume = not args.no_resume
+    try:  # recipes raise ValueError for inputs that do not fit (wrong student, a checkpoint of another model)
+        if args.recipe == "vae":
+            from .train.autoencoder import train_vae
 
-        try:
-            out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=not args.no_resume)
-        except ValueError as e:
-            raise PocketdiffError(str(e)) from None
-    elif args.recipe == "lcm":
-        from .models.registry import resolve_model
-        from .train.lcm import train_lcm
+            out = train_vae(cfg, recipe, resume=resume)
+        elif args.recipe == "teacher":
+            from .train.teacher import train_teacher
 
-        if recipe.student != "teacher":
-            recipe.student = str(resolve_model(recipe.student))
-        try:
-            out = train_lcm(cfg, resolve_model(args.teacher), recipe, resume=not args.no_resume)
-        except ValueError as e:
-            raise PocketdiffError(str(e)) from None
-    else:
-        from .train.teacher import train_teacher
+            out = train_teacher(cfg, args.vae, recipe, resume=resume)
+        elif args.recipe == "kd":
+            from .train.kd import train_kd
 
-        if not (Path(args.vae) / "config.json").is_file():
-            raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
-        out = train_teacher(cfg, args.vae, recipe, resume=not args.no_resume)
+            out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=resume)
+        else:
+            from .train.lcm import train_lcm
+
+            out = train_lcm(cfg, resolve_model(args.teacher), recipe, resume=resume)
+    except ValueError as e:
+        raise PocketdiffError(str(e)) from None
     print(f"wrote {out}")
     return 0
 

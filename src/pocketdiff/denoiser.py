@@ -29,6 +29,7 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     # log(10000) as a float32 tensor, as diffusers computes it: w*1000 is large, so the frequency's
     # last bit shows in sin(w * f).
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    freqs = freqs.to(w.device)
     emb = w[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if dim % 2 == 1:
@@ -56,7 +57,8 @@ class UNetRunner:
     ``mode``: "eager" runs the module; "trace" runs a frozen TorchScript trace per input signature
     (identical maths, ~1.5x less per-call overhead on small UNets, but a one-off cost of about a second
     plus a few calls); "auto" traces a signature once the measured eager call time says that the calls
-    still planned (``plan_calls``) will repay the trace.
+    still planned (``plan_calls``) will repay the trace. A trace freezes the weights it saw: after changing
+    the UNet's weights in place, make a new runner (or call :meth:`reset`).
     """
 
     def __init__(self, unet: torch.nn.Module, mode: Literal["auto", "eager", "trace"] = "auto"):
@@ -67,6 +69,11 @@ class UNetRunner:
         self.planned_calls = 0  # set by the pipeline before sampling
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         self._eager_seconds: dict[tuple, float] = {}
+
+    def reset(self) -> None:
+        """Forget traced graphs and timings (e.g. after the UNet's weights changed)."""
+        self._traced.clear()
+        self._eager_seconds.clear()
 
     def plan_calls(self, n: int) -> None:
         self.planned_calls = n
@@ -95,7 +102,9 @@ class UNetRunner:
                 return self.unet(sample, t, encoder_hidden_states=text, timestep_cond=tcond, return_dict=False)[0]
 
         with torch.no_grad():
-            traced = torch.jit.trace(_Fwd(self.unet).eval(), args, check_trace=False)
+            fwd = _Fwd(self.unet)
+            fwd.training = False  # the wrapper only: the UNet keeps the mode its owner set
+            traced = torch.jit.trace(fwd, args, check_trace=False)
             frozen = torch.jit.freeze(traced)
         self._traced[key] = frozen
         return frozen

@@ -203,18 +203,21 @@ def atomic_folder(dest: str | os.PathLike, overwrite: bool = False):
     if not dest.parent.exists():
         raise ModelFolderError(f"{dest.parent}: folder does not exist; create it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = dest.with_name(f".{dest.name}.old")
+    moved = False
     try:
         yield tmp
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             dest.rename(old)
-            tmp.rename(dest)
+            moved = True
+        tmp.rename(dest)
+        if moved:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not dest.exists():
+            old.rename(dest)  # put the user's folder back
         raise
 
 

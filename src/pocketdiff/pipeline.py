@@ -23,7 +23,7 @@ from . import folder as folder_io
 from .denoiser import Conditioning, Denoiser, UNetRunner, guidance_scale_embedding
 from .errors import PocketdiffError, PromptTruncatedWarning
 from .sampling import SAMPLERS
-from .schedule import NoiseSchedule, lcm_boundary, timestep_grid
+from .schedule import NoiseSchedule, default_spacing, lcm_boundary, timestep_grid
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Pipeline:
         grid = timestep_grid(self.schedule, steps, spec.grid, spacing)  # type: ignore[arg-type]
         final = self.schedule.final_sigma_ddim() if spec.final == "ddim" else 0.0
         sigmas = np.append(self.schedule.t_to_sigma(grid), final)
-        spacing = spacing or self.schedule.timestep_spacing or ("linspace" if spec.grid in ("euler", "dpm") else "leading")
+        spacing = spacing or self.schedule.timestep_spacing or default_spacing(spec.grid)
         ve_start = spec.init == "ve" and spacing in ("linspace", "trailing")  # diffusers' Euler init_noise_sigma
         init = float(np.float32(sigmas[0])) if ve_start else math.sqrt(float(sigmas[0]) ** 2 + 1.0)
         return sigmas, init
@@ -159,6 +159,8 @@ class Pipeline:
         except ValueError as e:
             raise PocketdiffError(str(e)) from None
 
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PocketdiffError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         timings = Timings()
         n_prompts = len(prompts)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -186,6 +188,9 @@ class Pipeline:
             generator = [torch.Generator().manual_seed(seed + i) for i in range(b)]
             seeds = [seed + i for i in range(b)]
         else:
+            if isinstance(generator, list) and len(generator) != b:
+                raise PocketdiffError(f"got {len(generator)} generators for {b} images; pass one per image "
+                                      "(prompts x num_images_per_prompt) or a single generator")
             seeds = [None] * b
         shape = (b, self.unet.config.in_channels, height // f, width // f)
         noise = _randn(shape, generator)
@@ -206,7 +211,7 @@ class Pipeline:
         kwargs = {}
         if spec.stochastic:
             kwargs["noise_sampler"] = lambda s, s_next: _randn(shape, generator)
-        if spec.fn.__name__ == "sample_lcm":
+        if spec.boundary:
             kwargs["boundary"] = lambda s: lcm_boundary(self.schedule, self.denoiser.sigma_to_t(s))
         self.runner.plan_calls(max(self.runner.planned_calls, steps))  # a caller may have planned more
         last[0] = time.perf_counter()

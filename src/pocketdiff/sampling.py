@@ -131,13 +131,14 @@ class SamplerSpec:
     final: str  # "zero" (lands on sigma 0) or "ddim" (sigma of abar[0] unless set_alpha_to_one)
     init: str  # initial noise scale: "vp" (sqrt(1+sigma_max^2)) or "ve" (sigma_max)
     diffusers_scheduler: str | None  # class name of the diffusers scheduler it reproduces
-    stochastic: bool = False
+    stochastic: bool = False  # draws fresh noise between steps (needs a noise_sampler)
+    boundary: bool = False  # applies consistency-model boundary scalings (needs boundary=)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(sample_ddim, "ddim", "ddim", "vp", "DDIMScheduler"),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "dpm", "zero", "vp", "DPMSolverMultistepScheduler"),
     "euler": SamplerSpec(sample_euler, "euler", "zero", "ve", "EulerDiscreteScheduler"),
-    "lcm": SamplerSpec(sample_lcm, "lcm", "zero", "vp", "LCMScheduler", stochastic=True),
+    "lcm": SamplerSpec(sample_lcm, "lcm", "zero", "vp", "LCMScheduler", stochastic=True, boundary=True),
     "onestep": SamplerSpec(sample_onestep, "lcm", "zero", "vp", None),
 }

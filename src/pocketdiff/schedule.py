@@ -6,7 +6,10 @@ preserving") latent is ``x_vp = x / sqrt(1 + sigma**2)``. A DDPM-trained UNet is
 timestep grid over that family; everything here is plain arithmetic on that grid, in float64.
 
 The timestep grids reproduce diffusers' schedulers (DDIM, Euler, DPM-Solver multistep, LCM) so that
-pocketdiff and diffusers give the same latents for the same model, seed and step count.
+pocketdiff and diffusers give the same latents for the same model, seed and step count. One deliberate
+difference: diffusers' DDIM always steps from t to t - T//steps, which for "linspace" (and "trailing"
+when T/steps is not an integer) is not the next grid point; pocketdiff steps to the next grid point.
+With the default "leading" spacing (and "trailing" at integer T/steps) both are identical.
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ class NoiseSchedule:
 
 
 # ---- timestep grids ------------------------------------------------------------------------------
+def default_spacing(rule: GridRule) -> Spacing:
+    """The spacing each diffusers scheduler class uses when its config names none."""
+    return "linspace" if rule in ("euler", "dpm") else "leading"
+
+
 def timestep_grid(schedule: NoiseSchedule, steps: int, rule: GridRule, spacing: Spacing | None = None) -> np.ndarray:
     """Descending timesteps (float64) of a ``steps``-step sampler, by diffusers' rule for that sampler.
 
@@ -128,8 +136,7 @@ def timestep_grid(schedule: NoiseSchedule, steps: int, rule: GridRule, spacing: 
         origin = (np.arange(1, orig + 1) * k - 1)[::-1]
         idx = np.floor(np.linspace(0, orig, num=steps, endpoint=False)).astype(np.int64)
         return origin[idx].astype(np.float64)
-    default = {"ddim": "leading", "euler": "linspace", "dpm": "linspace"}[rule]
-    spacing = spacing or schedule.timestep_spacing or default
+    spacing = spacing or schedule.timestep_spacing or default_spacing(rule)
     off = schedule.steps_offset
     if rule == "dpm":
         if spacing == "linspace":

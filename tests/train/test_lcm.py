@@ -112,7 +112,7 @@ def _trainer(out_dir, steps, interrupt_at=None):
 
     def batches(step):
         if step == interrupt_at:
-            raise KeyboardInterrupt  # as Ctrl-C: the trainer saves a checkpoint and returns
+            raise KeyboardInterrupt  # as Ctrl-C: the trainer saves a checkpoint and re-raises
         return _batches(step)
 
     cfg = TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
@@ -124,7 +124,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = _trainer(tmp_path / "full", 4)
     full.run()
     part = _trainer(tmp_path / "part", 4, interrupt_at=2)
-    assert part.run() == 2
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    assert part.step == 2
     resumed = _trainer(tmp_path / "part", 4)
     assert resumed.run() == 4
     a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()

@@ -33,7 +33,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = _setup(tmp_path / "full", 10)
     full.run()
     part = _setup(tmp_path / "part", 10, interrupt_at=6)
-    assert part.run() == 6
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: checkpoint saved, then re-raised (no export)
+        part.run()
+    assert part.step == 6
     resumed = _setup(tmp_path / "part", 10)  # same out_dir: picks up the checkpoint at step 6
     assert resumed.run() == 10
     for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
@@ -88,5 +90,27 @@ def test_lr_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(ema_decay=1.0), dict(mixed_precision="fp8")])
 def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_resume_falls_back_to_a_complete_old_checkpoint(tmp_path):
+    """A kill between the two renames of save_checkpoint leaves only checkpoint.old: resume uses it."""
+    _setup(tmp_path, 5).run()
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    t = _setup(tmp_path, 8)
+    assert t.load_checkpoint() and t.step == 5
+
+
+def test_resume_refuses_another_models_checkpoint(tmp_path):
+    _setup(tmp_path, 3).run()
+    t = _setup(tmp_path, 6)
+    t.raw_model = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="another model"):
+        t.load_checkpoint()
+
+
+@pytest.mark.parametrize("bad", [dict(log_every=0), dict(checkpoint_every=0), dict(lr=-1.0)])
+def test_config_rejects_bad_intervals(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)

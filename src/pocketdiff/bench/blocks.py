@@ -19,7 +19,7 @@ STEM = ("conv_in", "time_embedding", "conv_norm_out", "conv_out")
 
 
 def unet_blocks(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every timed block, in execution order of the network's definition."""
+    """(name, module) of every timed block: the UNet's blocks in definition order, then its stem and head."""
     named = [(n, m) for n, m in unet.named_modules() if type(m).__name__ in BLOCK_TYPES]
     named += [(n, getattr(unet, n)) for n in STEM if getattr(unet, n, None) is not None]
     return named

@@ -28,8 +28,17 @@ def default_model_name() -> str:
 
 
 def model_card(path: Path) -> dict:
+    """The folder's pocketdiff.json (defaults, measured quality), or {} when it has none."""
     card = path / "pocketdiff.json"
-    return json.loads(card.read_text()) if card.is_file() else {}
+    if not card.is_file():
+        return {}
+    try:
+        data = json.loads(card.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PocketdiffError(f"{card}: not valid JSON; fix or delete the model card") from None
+    if not isinstance(data, dict):
+        raise PocketdiffError(f"{card}: must hold a JSON object; fix or delete the model card")
+    return data
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

@@ -106,17 +106,11 @@ def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, 
     pairs = {k: v for k, (v, _, _) in matched_pairs(student, teacher).items()}
     taps_s = FeatureTaps(student, list(pairs))
     taps_t = FeatureTaps(teacher, list(pairs.values()))
-    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
+    from .teacher import noised
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, h, w)
-        b = x0.shape[0]
-        g = torch.Generator().manual_seed(int(batch["seed"]))
-        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].sqrt().view(b, 1, 1, 1)
-        s = (1 - abar[t]).sqrt().view(b, 1, 1, 1)
-        x_t = a * x0 + s * eps
+        t, eps, a, s, x_t = noised(schedule, x0, batch["seed"])
         with torch.no_grad():
             states = text_encoder(batch["input_ids"])[0]  # (B, L, D)
             out_t = teacher(x_t, t, encoder_hidden_states=states).sample
@@ -144,6 +138,7 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-kd", steps=6000, batch_size=48, lr=5e-
 
 def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = True):
     """Distil a compact student from a teacher folder; writes ``cfg.out_dir/model`` (the student pipeline)."""
+    import copy
     import json
     from pathlib import Path
 
@@ -151,7 +146,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
 
     from ..folder import load_components, save_components
     from ..models.compact import COMPACT_PRESETS, init_student_from_teacher
-    from .teacher import encode_pool, latent_batches, monitor_fn, TeacherRecipe
+    from .teacher import TeacherRecipe, cached_pool, latent_batches, monitor_fn
     from .trainer import Trainer
 
     recipe = recipe or KDRecipe()
@@ -167,19 +162,31 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     student = UNet2DConditionModel(**config)
     if recipe.inherit and recipe.student.startswith("bk-"):
         init_student_from_teacher(student, teacher, recipe.student.removeprefix("bk-"))
-    latents, captions = encode_pool(vae, recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, Path(teacher_dir).resolve(), recipe.pool_size, cfg.seed)
     model = kd_model(student, teacher)
     loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)
     monitor_recipe = TeacherRecipe(scheduler=sched_cfg)
     student_monitor = monitor_fn(monitor_recipe, vae, tokenizer)
+    text_encoder_cpu = copy.deepcopy(text_encoder)  # the monitor samples on the CPU
     trainer = Trainer(cfg, model, loss_fn,
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=lambda step, m: student_monitor(step, {"unet": m["unet"], "text_encoder": text_encoder}))
-    trainer.run(resume=resume)
+                      monitor=lambda step, m: student_monitor(step, {"unet": m["unet"], "text_encoder": text_encoder_cpu}))
+    device = trainer.accelerator.device
+    teacher.to(device)
+    text_encoder.to(device)
+    try:
+        trainer.run(resume=resume)
+    finally:
+        for taps in loss_fn.taps:
+            taps.remove()
     folder = out / "model"
+    if not trainer.accelerator.is_main_process:
+        return folder
+    teacher.cpu()
+    text_encoder.cpu()
     card = {"description": f"{recipe.student} student distilled (BK-SDM KD) from {Path(teacher_dir).name}",
             "trained": True, "steps_trained": trainer.step, "teacher": str(teacher_dir),
             "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
-    save_components(folder, trainer.ema_model()["unet"], vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
+    save_components(folder, trainer.ema_model()["unet"].cpu(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
     return folder

@@ -80,7 +80,7 @@ def skipping_grid(schedule: NoiseSchedule, n: int) -> tuple[torch.Tensor, torch.
 
 def _coeffs(schedule: NoiseSchedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, s = schedule.alpha_sigma(t)
-    return a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)  # (B, 1, 1, 1) each
+    return a.view(-1, 1, 1, 1).to(t.device), s.view(-1, 1, 1, 1).to(t.device)  # (B, 1, 1, 1) each
 
 
 def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
@@ -199,12 +199,12 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
         g = torch.Generator().manual_seed(int(batch["seed"]))
         # 1. solver interval [end, start] and the noisy latent at its start
         idx = torch.randint(0, recipe.num_ddim_timesteps, (b,), generator=g)
-        start, end = start_grid[idx], end_grid[idx]  # (B,) each
-        eps = torch.randn(x0.shape, generator=g)
+        start, end = start_grid[idx].to(x0.device), end_grid[idx].to(x0.device)  # (B,) each
+        eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         a, s = _coeffs(schedule, start)
         x_s = a * x0 + s * eps  # (B, C, h, w)
         # 2. guidance scale and its embedding (of g - 1, as the LCM pipelines embed it)
-        w = recipe.w_min + (recipe.w_max - recipe.w_min) * torch.rand(b, generator=g)  # (B,)
+        w = (recipe.w_min + (recipe.w_max - recipe.w_min) * torch.rand(b, generator=g)).to(x0.device)  # (B,)
         student = model["unet"]
         dim = getattr(student.config, "time_cond_proj_dim", None) if recipe.lora_rank == 0 else None
         w_emb = guidance_scale_embedding(w - 1.0, dim) if dim else None  # (B, E)
@@ -268,7 +268,7 @@ def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance:
 def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = True) -> Path:
     """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
     from ..folder import load_components, save_components
-    from .teacher import encode_pool, latent_batches
+    from .teacher import cached_pool, latent_batches
     from .trainer import Trainer
 
     recipe = recipe or LCMRecipe()
@@ -299,14 +299,14 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     target_decay = 0.0 if lora else recipe.target_decay
     model = lcm_model(student, target_decay)
 
-    latents, captions = encode_pool(vae, recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, Path(teacher_dir).resolve(), recipe.pool_size, cfg.seed)
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     with torch.no_grad():
         uncond = text_encoder(empty.input_ids)[0]  # (1, L, D)
     loss_fn = lcm_loss(teacher, text_encoder, schedule, recipe, uncond, teacher_schedule.prediction_type)
     out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
-    lcm_monitor = _lcm_monitor(vae, tokenizer, text_encoder, out_sched, guidance)
+    lcm_monitor = _lcm_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance)  # CPU copy
 
     def monitor(step, m):
         return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
@@ -315,9 +315,17 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
                       monitor=monitor if cfg.monitor_every_s > 0 else None,
                       after_step=lambda step, m: update_target(m, target_decay))
+    device = trainer.accelerator.device
+    teacher.to(device)
+    text_encoder.to(device)
+    uncond.data = uncond.to(device)
     trainer.run(resume=resume)
-
-    final = trainer.ema_model()["unet"]
+    folder = out / "model"
+    if not trainer.accelerator.is_main_process:
+        return folder
+    teacher.cpu()
+    text_encoder.cpu()
+    final = trainer.ema_model()["unet"].cpu()
     if lora:
         save_lora(final, out / "lora")
         final = merge_lora(final)
@@ -325,7 +333,6 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     card = {"description": f"{kind} {Path(teacher_dir).name} (latent consistency distillation)",
             "trained": True, "steps_trained": trainer.step, "teacher": str(teacher_dir), "recipe": asdict(recipe),
             "defaults": {"steps": 4, "sampler": "lcm", "guidance": guidance}}
-    folder = out / "model"
     save_components(folder, final.eval(), vae, text_encoder, tokenizer, out_sched, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
     return folder

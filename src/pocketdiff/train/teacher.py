@@ -86,6 +86,29 @@ def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") 
     return torch.cat(lat), caps
 
 
+def cached_pool(out: Path, vae, vae_id: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE, size and seed.
+
+    With several processes the main one encodes and writes first; the others then read its file.
+    """
+    from accelerate import PartialState
+    from safetensors.torch import load_file, save_file
+
+    key = {"vae": str(vae_id), "n": n, "seed": seed}
+    pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
+    with PartialState().main_process_first():
+        if pool_file.is_file() and meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            if meta.get("key") == key:
+                return load_file(str(pool_file))["latents"], meta["captions"]
+        latents, captions = encode_pool(vae, n, seed)
+        if PartialState().is_main_process:
+            save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
+            meta_file.write_text(json.dumps({"key": key, "captions": captions}))
+            (out / "latent_pool.tmp").rename(pool_file)
+    return latents, captions
+
+
 def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_size: int, seed: int,
                    caption_dropout: float):
     """batches(step) -> {"latents", "input_ids"}: a pure function of the step (resumable)."""
@@ -105,25 +128,32 @@ def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_
     return batches
 
 
+def noised(schedule: NoiseSchedule, x0: torch.Tensor, seed: int):
+    """Forward diffusion of a batch at uniform random timesteps, seeded (resumable), on x0's device.
+
+    Returns t (B,), eps, alpha, sigma (B, 1, 1, 1) and x_t = alpha * x0 + sigma * eps.
+    """
+    b = x0.shape[0]
+    g = torch.Generator().manual_seed(int(seed))
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
+    eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    a, s = schedule.alpha_sigma(t)
+    a, s = a.view(b, 1, 1, 1).to(x0.device), s.view(b, 1, 1, 1).to(x0.device)
+    return t.to(x0.device), eps, a, s, a * x0 + s * eps
+
+
 def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 5.0):
     """The denoising loss of the schedule's prediction type, min-SNR weighted (teacher recipe)."""
-    abar = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, 16, 16)
-        b = x0.shape[0]
-        g = torch.Generator().manual_seed(int(batch["seed"]))
-        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].sqrt().view(b, 1, 1, 1)
-        s = (1 - abar[t]).sqrt().view(b, 1, 1, 1)
-        x_t = a * x0 + s * eps
+        t, eps, a, s, x_t = noised(schedule, x0, batch["seed"])
         states = model["text_encoder"](batch["input_ids"])[0]  # (B, L, D)
         out = model["unet"](x_t, t, encoder_hidden_states=states).sample
         target = target_for(schedule.prediction_type, x0, eps, a, s)
         per = (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if min_snr_gamma > 0:
-            snr = abar[t] / (1 - abar[t])
+            snr = (a / s).pow(2).view(-1)  # (B,) alpha^2 / sigma^2
             w = torch.clamp(snr, max=min_snr_gamma) / snr
             if schedule.prediction_type == "v_prediction":
                 w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
@@ -167,22 +197,12 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
                   resume: bool = True) -> Path:
     """Train UNet + text encoder on the VAE's latents; writes ``cfg.out_dir/model`` (a diffusers folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file, save_file
-
     recipe = recipe or TeacherRecipe()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
     tokenizer = shapes_tokenizer()
-    pool_file = out / "latent_pool.safetensors"
-    if pool_file.is_file():
-        latents = load_file(str(pool_file))["latents"]
-        captions = json.loads((out / "latent_pool.json").read_text())
-    else:
-        latents, captions = encode_pool(vae, recipe.pool_size, cfg.seed)
-        save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
-        (out / "latent_pool.json").write_text(json.dumps(captions))
-        (out / "latent_pool.tmp").rename(pool_file)
+    latents, captions = cached_pool(out, vae, Path(vae_dir).resolve(), recipe.pool_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
                                  "text_encoder": build_text_encoder(recipe, tokenizer)})
@@ -191,8 +211,10 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
                       monitor=monitor_fn(recipe, vae, tokenizer))
     trainer.run(resume=resume)
-    final = trainer.ema_model()
     folder = out / "model"
+    if not trainer.accelerator.is_main_process:
+        return folder
+    final = trainer.ema_model().cpu()
     from ..folder import save_components
 
     card = {"description": "Shapes teacher: scaled-down SD-v1.5 UNet + CLIP text encoder, trained by pocketdiff",

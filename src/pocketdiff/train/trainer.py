@@ -48,6 +48,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("log_every and checkpoint_every must be >= 1")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.max_minutes < 0:
+            raise ValueError("lr must be > 0, warmup_steps and max_minutes >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -100,6 +104,11 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch, step)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on ``device`` (other values unchanged)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -117,7 +126,10 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        # step_scheduler_with_optimizer=False: our LambdaLR counts optimizer steps, not samples, so it must
+        # not be stepped once per process (accelerate's default would run it N times too fast under DDP).
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       step_scheduler_with_optimizer=False)
         self.raw_model = model
         if cfg.gradient_checkpointing:
             for m in model.modules():
@@ -148,8 +160,8 @@ class Trainer:
         save_file(_contiguous(self.raw_model.state_dict()), str(tmp / "model.safetensors"))
         if self.ema is not None:
             save_file(_contiguous(self.ema.shadow), str(tmp / "ema.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2))
         old = self.out / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -159,15 +171,25 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
-        d = self.ckpt_dir
-        if not (d / "state.json").is_file():
+        """Restore the newest complete checkpoint: ``checkpoint``, else the ``.old`` or ``.tmp`` that a kill
+        in the middle of :meth:`save_checkpoint` can leave (``state.json`` is written last, so it marks
+        a complete one)."""
+        candidates = [self.ckpt_dir, self.out / "checkpoint.old", self.out / "checkpoint.tmp"]
+        d = next((c for c in candidates if (c / "state.json").is_file()), None)
+        if d is None:
             return False
-        self.raw_model.load_state_dict(load_file(str(d / "model.safetensors")))
+        try:
+            self.raw_model.load_state_dict(load_file(str(d / "model.safetensors")))
+        except RuntimeError:
+            raise ValueError(f"{d} holds a checkpoint of another model; pass --no-resume or another --out-dir") from None
+        device = self.accelerator.device
         if self.ema is not None and (d / "ema.safetensors").is_file():
-            self.ema.shadow = load_file(str(d / "ema.safetensors"))
+            self.ema.shadow = {k: v.to(device) for k, v in load_file(str(d / "ema.safetensors")).items()}
         opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        if "rng" in opt:
+            torch.set_rng_state(opt["rng"])
         self.step = json.loads((d / "state.json").read_text())["step"]
         return True
 
@@ -189,12 +211,25 @@ class Trainer:
     def _request_stop(self, *_args) -> None:
         self._stop = True
 
+    def _should_stop(self, start: float) -> bool:
+        """A stop (signal, or max_minutes on any process) agreed by all processes, so none waits forever
+        in the next all-reduce."""
+        local = self._stop or bool(self.cfg.max_minutes and (time.time() - start) / 60 > self.cfg.max_minutes)
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
     def run(self, resume: bool = True) -> int:
-        """Train to ``cfg.steps`` (from the last checkpoint if ``resume``); returns the step reached."""
+        """Train to ``cfg.steps`` (from the last checkpoint if ``resume``); returns the step reached.
+
+        ``max_minutes`` ends the run early and normally (the caller exports what it has). Ctrl-C or SIGTERM
+        save a checkpoint and re-raise KeyboardInterrupt, so no unfinished model is exported.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.load_checkpoint():
             print(f"resumed from {self.ckpt_dir} at step {self.step}", flush=True)
-        prev = signal.signal(signal.SIGTERM, self._request_stop) if self.accelerator.is_main_process else None
+        prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
         start = time.time()
         last_monitor = time.time()
@@ -203,11 +238,12 @@ class Trainer:
         sums: dict[str, float] = {}
         n = 0
         self.model.train()
+        interrupted = False
         try:
-            while self.step < cfg.steps and not self._stop:
+            while self.step < cfg.steps:
                 # each process draws its own batch; a pure function of (step, rank) keeps resume exact
                 acc = self.accelerator
-                batch = self.batches(self.step * acc.num_processes + acc.process_index)
+                batch = to_device(self.batches(self.step * acc.num_processes + acc.process_index), acc.device)
                 with self.accelerator.accumulate(self.model):
                     loss, terms = self.model(batch, self.step)
                     self.accelerator.backward(loss)
@@ -236,16 +272,20 @@ class Trainer:
                 if self.monitor is not None and cfg.monitor_every_s > 0 and time.time() - last_monitor > cfg.monitor_every_s:
                     self._run_monitor()
                     last_monitor = time.time()
-                if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
-                    print(f"\nstopping at step {self.step}: max_minutes={cfg.max_minutes} reached", flush=True)
+                if self._should_stop(start):
+                    interrupted = self._stop
+                    reason = "stop requested" if interrupted else f"max_minutes={cfg.max_minutes} reached"
+                    print(f"\nstopping at step {self.step}: {reason}", flush=True)
                     break
         except KeyboardInterrupt:
+            interrupted = True
             print(f"\ninterrupted at step {self.step}; saving a checkpoint", flush=True)
         finally:
             bar.close()
             self.save_checkpoint()
-            if prev is not None:
-                signal.signal(signal.SIGTERM, prev)
+            signal.signal(signal.SIGTERM, prev)
+        if interrupted:
+            raise KeyboardInterrupt
         if self.monitor is not None and self.step >= cfg.steps:
             self._run_monitor()
         return self.step
@@ -253,7 +293,7 @@ class Trainer:
     def _run_monitor(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        metrics = self.monitor(self.step, self.ema_model())
+        metrics = self.monitor(self.step, self.ema_model().cpu())  # sampling checks run on the CPU
         self.model.train()
         self._log({"step": self.step, "monitor": metrics})
         tqdm.write(f"[step {self.step}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
