@@ -236,10 +236,15 @@ def _randn(shape: tuple, generator: torch.Generator | list[torch.Generator] | No
     return torch.randn(shape, generator=generator)
 
 
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor does."""
+    arr = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return (arr * 255).round().astype(np.uint8)
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL RGB images (rounded as diffusers' image processor does)."""
-    arr = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    return [Image.fromarray(a) for a in to_uint8(pixels)]
 
 
 def load_pipeline(path: str | Path = "default", *, trust_pickle: bool = False, runner: str = "auto") -> Pipeline:

@@ -38,23 +38,15 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: Sequence[float], extra_a
     return x
 
 
-@torch.no_grad()
 def sample_ddim(model: Model, x: torch.Tensor, sigmas: Sequence[float], extra_args: dict | None = None,
                 callback: Callback = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0; Song et al. 2021, eq. 12).
 
-    In the VE form DDIM keeps the predicted noise fixed across the step: ``x' = x0 + sigma' * eps``,
-    which is the same update as Euler; what makes it "DDIM" is its timestep grid (see
+    In the VE form DDIM keeps the predicted noise fixed across the step, x' = D + sigma' (x - D) / sigma,
+    which is exactly Euler's update; what makes it "DDIM" is its timestep grid (see
     :func:`pocketdiff.schedule.timestep_grid`) and that it stops at abar[0] rather than at sigma 0.
     """
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigma, **extra_args)
-        _report(callback, i, x, sigma, sigma_next, denoised)
-        eps = (x - denoised) / sigma  # (B, C, H, W)
-        x = denoised + sigma_next * eps
-    return x
+    return sample_euler(model, x, sigmas, extra_args, callback)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import sample_batch
+from ..pipeline import to_uint8
 from .trainer import TrainConfig, Trainer
 
 SHAPES_VAE = dict(
@@ -43,12 +44,6 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-vae", steps=12000, batch_size=8, lr=1e
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as diffusers' image processor."""
-    x = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return (x * 255).round().astype(np.uint8)
 
 
 def shapes_pixel_batches(batch_size: int, seed: int, split: str = "train"):
