@@ -428,7 +428,8 @@ def _add_train(sub) -> None:
                    recipe_fields=_add_dataclass_flags(p, VAERecipe))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p = recipes.add_parser("teacher", help="the Shapes teacher: SD-style UNet + CLIP text encoder on VAE latents")
-    p.add_argument("--vae", required=True, help="folder of a trained VAE (`pocketdiff train vae` writes OUT/vae)")
+    p.add_argument("--vae", default="shapes-vae",
+                   help="a trained VAE folder (`train vae` writes OUT/vae) or a shipped one (default: shapes-vae)")
     p.set_defaults(func=cmd_train, recipe_cls=TeacherRecipe,
                    train_fields=_add_dataclass_flags(p, TrainConfig, TEACHER_TRAIN),
                    recipe_fields=_add_dataclass_flags(p, TeacherRecipe))
@@ -462,8 +463,14 @@ def cmd_train(args) -> int:
         raise PocketdiffError(str(e)) from None
     from .models.registry import resolve_model
 
-    if args.recipe == "teacher" and not (Path(args.vae) / "config.json").is_file():
-        raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
+    from .models.components import resolve_component
+
+    if args.recipe == "teacher":
+        args.vae = str(resolve_component(args.vae))
+        if not (Path(args.vae) / "config.json").is_file():
+            raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
+    if args.recipe == "vae" and recipe.init_from:
+        recipe.init_from = str(resolve_component(recipe.init_from))
     if args.recipe == "lcm" and recipe.student != "teacher":
         recipe.student = str(resolve_model(recipe.student))
     resume = not args.no_resume

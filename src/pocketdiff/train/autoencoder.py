@@ -33,7 +33,9 @@ class VAERecipe:
     l2_weight: float = 1.0
     foreground_weight: float = 4.0  # extra loss weight on object pixels (objects are ~10% of an image)
     init_logvar: float = -8.0  # start the posterior nearly deterministic (std ~0.02) instead of std 1
+    init_from: str = ""  # a trained VAE folder to continue from (e.g. the shipped shapes-vae); "" = scratch
     monitor_n: int = 256  # fresh renders checked per monitor call
+    final_check_n: int = 1000  # fresh renders checked at the end (written to OUT/vae/quality.json)
 
 
 # The shipped recipe's schedule (about 90 minutes on 2 CPU cores at ~2.3 steps/s).
@@ -123,8 +125,11 @@ def train_vae(cfg: TrainConfig, recipe: VAERecipe | None = None, resume: bool = 
 
     recipe = recipe or VAERecipe()
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**recipe.arch)
-    init_posterior(vae, recipe.init_logvar)
+    if recipe.init_from:
+        vae = AutoencoderKL.from_pretrained(recipe.init_from, local_files_only=True)
+    else:
+        vae = AutoencoderKL(**recipe.arch)
+        init_posterior(vae, recipe.init_logvar)
     trainer = Trainer(cfg, vae, vae_loss(recipe), shapes_pixel_batches(cfg.batch_size, cfg.seed),
                       monitor=lambda step, m: reconstruction_quality(m, recipe.monitor_n))
     trainer.run(resume=resume)
@@ -132,6 +137,6 @@ def train_vae(cfg: TrainConfig, recipe: VAERecipe | None = None, resume: bool = 
     final.register_to_config(scaling_factor=latent_scaling_factor(final))
     out = Path(cfg.out_dir) / "vae"
     final.save_pretrained(out, safe_serialization=True)
-    quality = reconstruction_quality(final, n=1000, seed=4242)
+    quality = reconstruction_quality(final, n=recipe.final_check_n, seed=4242)
     (out / "quality.json").write_text(json.dumps({"step": trainer.step, **quality}, indent=2))
     return out
