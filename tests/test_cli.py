@@ -12,27 +12,20 @@ import torch
 from PIL import Image
 
 from pocketdiff.cli import main
+from pocketdiff.testing import run_cli as _run
+from pocketdiff.testing import tree as _files
 
 PROMPT = "a small red star"
 
 
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _generate(model, *extra) -> list:
     return ["generate", "--model", model, "--steps", 2, "--no-progress", *extra]
 
 
-def _files(folder) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def _assert_one_line_error(code: int, err: str) -> None:

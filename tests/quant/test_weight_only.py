@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pocketdiff.cli import main
+from pocketdiff.testing import run_cli as _run
+from pocketdiff.testing import tree as _files
 from pocketdiff.errors import ModelFolderError, PocketdiffError
 from pocketdiff.folder import load_components
 from pocketdiff.models.tiny import tiny_components
@@ -22,17 +23,8 @@ UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 
 
-def _files(folder) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))  # hidden temp folders included
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_one_line_error(code: int, err: str) -> None:
