@@ -280,3 +280,19 @@ def test_runner_spacing_negative_prompt_and_size(tiny_folder, out, capsys):
     assert code == 0, err
     code, _, err = _run(_generate(tiny_folder, *base, "--sampler", "ddim", "-o", out / "leading.png"), capsys)
     assert np.abs(_pixels(out / "trailing.png") - _pixels(out / "leading.png")).max() > 0
+
+
+def test_eval_with_domain_clip_reports_clip_score_and_fd(tiny_folder, tmp_path, capsys):
+    from pocketdiff.eval.clip import ClipConfig, DomainCLIP
+
+    clip_dir = tmp_path / "clip"
+    DomainCLIP(ClipConfig(image_channels=(8, 8, 8, 8), embed_dim=16, text_hidden=16, text_layers=1, text_heads=2,
+                          text_intermediate=32, pool="mean")).save(clip_dir)
+    out = tmp_path / "eval.json"
+    code, stdout, err = _run(["eval", "--model", tiny_folder, "--n", 4, "--steps", 2, "--batch-size", 2, "--clip",
+                              clip_dir, "--json", out, "--no-progress"], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert -1.0 <= r["clip_score"] <= 1.0 and r["fd"] >= 0.0
+    code, _, err = _run(["eval", "--model", tiny_folder, "--n", 4, "--json", out], capsys)  # exists: refused
+    _assert_one_line_error(code, err)

@@ -328,6 +328,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=500, help="number of fresh prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--clip", default=None,
+                   help="a domain-CLIP folder (`train clip` writes OUT/clip) for CLIP score and FD (default: the "
+                        "shipped shapes-clip if present, else n/a)")
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
@@ -344,9 +347,14 @@ def cmd_eval(args) -> int:
     if not math.isfinite(args.guidance):
         raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
     _check_json_out(args.json, args.overwrite)
+    from .eval.clip import DomainCLIP
+    from .models.components import resolve_component, shipped_components
+
+    clip_dir = args.clip or shipped_components().get("shapes-clip")
+    clip = DomainCLIP.load(resolve_component(clip_dir)) if clip_dir else None
     pipe = Pipeline.from_folder(resolve_model(args.model))
     r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
-                 batch_size=args.batch_size, progress=not args.no_progress)
+                 batch_size=args.batch_size, progress=not args.no_progress, clip=clip)
     r["model"] = str(args.model)
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=2))
@@ -434,6 +442,13 @@ def _add_train(sub) -> None:
                    train_fields=_add_dataclass_flags(p, TrainConfig, TEACHER_TRAIN),
                    recipe_fields=_add_dataclass_flags(p, TeacherRecipe))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    from .eval.clip import DEFAULT_TRAIN as CLIP_TRAIN
+    from .eval.clip import ClipConfig
+
+    p = recipes.add_parser("clip", help="the domain CLIP (image/text dual encoder) behind eval's CLIP score and FD")
+    p.set_defaults(func=cmd_train, recipe_cls=ClipConfig, train_fields=_add_dataclass_flags(p, TrainConfig, CLIP_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, ClipConfig))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     from .train.kd import DEFAULT_TRAIN as KD_TRAIN
     from .train.kd import KDRecipe
 
@@ -479,6 +494,10 @@ def cmd_train(args) -> int:
             from .train.autoencoder import train_vae
 
             out = train_vae(cfg, recipe, resume=resume)
+        elif args.recipe == "clip":
+            from .eval.clip import train_clip
+
+            out = train_clip(cfg, recipe, resume=resume)
         elif args.recipe == "teacher":
             from .train.teacher import train_teacher
 

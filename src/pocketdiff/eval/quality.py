@@ -23,22 +23,36 @@ def fresh_prompts(n: int, seed: int = 0, split: str = "all", n_objects: int | No
     return [caption(sample_scene(rng, n_objects=n_objects, split=split)) for _ in range(n)]
 
 
+def clip_metrics(clip, images: np.ndarray, prompts: list[str], seed: int) -> dict:
+    """Domain-CLIP score (mean cosine of image and prompt) and Frechet distance in its image-feature space
+    between the generated images and real renders of fresh scenes (the FID stand-in)."""
+    from ..data.shapes import sample_batch
+    from .frechet import frechet_distance_features
+
+    real, _, _ = sample_batch(np.random.default_rng([seed, 4711]), len(images), split="all")
+    return {"clip_score": float(clip.score(images, prompts).mean()),
+            "fd": frechet_distance_features(clip.image_features(images), clip.image_features(real))}
+
+
 def evaluate(pipe, *, n: int = 500, steps: int = 25, sampler: str = "dpmpp_2m", guidance: float = 4.0,
-             seed: int = 0, batch_size: int = 25, progress: bool = True) -> dict:
-    """Generate ``n`` images for fresh prompts and score them with the checker."""
+             seed: int = 0, batch_size: int = 25, progress: bool = True, clip=None) -> dict:
+    """Generate ``n`` images for fresh prompts and score them with the checker (and ``clip``, a DomainCLIP)."""
     prompts = fresh_prompts(n, seed)
     pipe.runner.plan_calls(steps * math.ceil(n / batch_size))
-    results, seconds = [], 0.0
+    results, seconds, images = [], 0.0, []
     for i in tqdm(range(0, n, batch_size), desc=f"eval {sampler} {steps} steps g={guidance}", disable=not progress):
         chunk = prompts[i:i + batch_size]
         t0 = time.perf_counter()
         out = pipe(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, height=IMAGE_SIZE,
                    width=IMAGE_SIZE)
         seconds += time.perf_counter() - t0
-        results += [check(np.asarray(im), p) for im, p in zip(out.images, chunk)]
+        arrays = [np.asarray(im) for im in out.images]
+        images += arrays
+        results += [check(a, p) for a, p in zip(arrays, chunk)]
     summary = aggregate(results)
+    extra = clip_metrics(clip, np.stack(images), prompts, seed) if clip is not None else {"clip_score": None, "fd": None}
     return {"n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,
-            "seconds_per_image": seconds / n, "batch_size": batch_size, **summary}
+            "seconds_per_image": seconds / n, "batch_size": batch_size, **extra, **summary}
 
 
 def markdown_row(name: str, r: dict) -> str:
@@ -46,8 +60,14 @@ def markdown_row(name: str, r: dict) -> str:
     return (f"| {name} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {100 * r['all_correct']:.1f} | "
             f"{100 * bc[1]['all_correct']:.1f} | {100 * r['by_split']['seen']['all_correct']:.1f} | "
             f"{100 * r['by_split']['heldout']['all_correct']:.1f} | {100 * r['colour']:.1f} | {100 * r['shape']:.1f} | "
-            f"{100 * r['size']:.1f} | {100 * r['present']:.1f} | {r['seconds_per_image']:.3f} |")
+            f"{100 * r['size']:.1f} | {100 * r['present']:.1f} | {_num(r.get('clip_score'), 3)} | {_num(r.get('fd'), 2)} | "
+            f"{r['seconds_per_image']:.3f} |")
+
+
+def _num(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 MARKDOWN_HEADER = ("| model | sampler | steps | guidance | all-correct % | 1-object % | seen % | held-out % | colour % | "
-                   "shape % | size % | present % | s/image |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "shape % | size % | present % | CLIP score | FD | s/image |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
