@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("vae")
     v.add_argument("--vae", type=Path, default=None, help="VAE folder (default: the default model's vae/)")
     v.add_argument("--n", type=int, default=1000)
+    v.add_argument("--write-card", action="store_true", help="store the results as the VAE folder's README.md")
     t = sub.add_parser("teacher")
     t.add_argument("--model", default="default")
     t.add_argument("--n", type=int, default=500)
@@ -96,8 +97,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "vae":
-        r = measure_vae(args.vae or resolve_model("default") / "vae", args.n)
+        vae_dir = args.vae or resolve_model("default") / "vae"
+        r = measure_vae(vae_dir, args.n)
         (RESULTS / "shapes_vae.json").write_text(json.dumps(r, indent=2))
+        if args.write_card:
+            (vae_dir / "README.md").write_text(
+                f"# {r['name']}\n\nThe Shapes AutoencoderKL (64x64 RGB -> 16x16x4), trained by `pocketdiff train vae`. "
+                f"Reconstructions of {r['n']} fresh renders, scored by the Shapes checker (measured by "
+                f"`python benchmarks/shapes_quality.py vae --write-card`):\n\n"
+                f"| PSNR dB | all-correct % | colour % | shape % | size % | background % | no extra % |\n"
+                f"|---|---|---|---|---|---|---|\n| {r['psnr']:.2f} | {100 * r['all_correct']:.1f} | "
+                f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['size']:.1f} | "
+                f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\nSHAPES.md's gate for training a UNet "
+                f"on these latents is >= 97% all-correct.\n")
     else:
         r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps)
         (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
