@@ -39,7 +39,8 @@ def section_runtime() -> str:
         return "\n".join(out) + _missing("python benchmarks/runtime_vs_diffusers.py")
     meta = rows[0]
     out.append(markdown(rows))
-    out.append(f"\n_{meta['threads']} threads, torch {meta['torch']}._\n")
+    out.append(f"\n_{meta['threads']} threads, torch {meta['torch']}, allocator: {meta.get('allocator', 'unrecorded')} "
+               "(both runtimes share the process, so both use it)._\n")
     return "\n".join(out)
 
 

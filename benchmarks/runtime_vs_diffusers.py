@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,7 +103,8 @@ def run_case(name: str, factory, resolution: int, steps: int, batch: int, repeat
     return {"case": name, "resolution": resolution, "steps": steps, "batch": batch, "repeats": repeats,
             "pocketdiff_s": ma, "diffusers_s": mb, "speedup": mb / ma, "traced": bool(ours.runner._traced),
             "pocketdiff_first_call_s": ours_cold, "diffusers_first_call_s": ref_cold,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -86,9 +86,11 @@ class UNetRunner:
         if self.mode != "auto" or key not in self._eager_seconds:
             return self.mode == "trace"
         step = self._eager_seconds[key]
-        # Cost model measured on this CPU: trace+freeze+profiling warm-up ~ 1.0 s + 10 eager calls;
-        # a traced call saves ~30% of a small UNet's call (per-module Python overhead).
-        return 0.3 * step * self.planned_calls > 1.0 + 10 * step
+        # Cost model measured on this CPU: trace+freeze+profiling warm-up ~ 1.0 s + 10 eager calls; a
+        # traced call saves the per-module Python overhead: ~30% of a small UNet's call, but a bounded
+        # amount (~30 ms) of a large one's, so SD-size UNets (seconds per call) stay eager.
+        saving = min(0.3 * step, 0.03)
+        return saving * self.planned_calls > 1.0 + 10 * step
 
     def _trace(self, key, sample, t, text, tcond) -> torch.jit.ScriptModule:
         args = (sample, t, text) if tcond is None else (sample, t, text, tcond)
