@@ -296,3 +296,14 @@ def test_eval_with_domain_clip_reports_clip_score_and_fd(tiny_folder, tmp_path, 
     assert -1.0 <= r["clip_score"] <= 1.0 and r["fd"] >= 0.0
     code, _, err = _run(["eval", "--model", tiny_folder, "--n", 4, "--json", out], capsys)  # exists: refused
     _assert_one_line_error(code, err)
+
+
+def test_train_recipes_reject_bad_inputs_in_one_line(tiny_folder, tmp_path, capsys):
+    code, _, err = _run(["train", "kd", "--teacher", tiny_folder, "--student", "nope", "--out-dir", tmp_path / "kd"],
+                        capsys)
+    _assert_one_line_error(code, err)
+    assert "unknown student" in err
+    code, _, err = _run(["train", "teacher", "--vae", tmp_path / "missing", "--out-dir", tmp_path / "t"], capsys)
+    _assert_one_line_error(code, err)
+    code, _, err = _run(["train", "clip", "--steps", 0, "--out-dir", tmp_path / "c"], capsys)
+    _assert_one_line_error(code, err)
