@@ -110,6 +110,15 @@ def test_long_prompt_warns_in_one_line(tiny_folder, out, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_generate_with_model_level_tiling(tiny_folder, out, capsys):
+    plain, tiled = out / "plain.png", out / "tiled.png"
+    assert _run(_generate(tiny_folder, PROMPT, "-o", plain, "--runner", "eager"), capsys)[0] == 0
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", tiled, "--attention-chunk", 5, "--stream-unet"), capsys)
+    assert code == 0, err
+    a, b = (np.asarray(Image.open(f), dtype=int) for f in (plain, tiled))
+    assert np.abs(a - b).max() <= 1  # chunked attention and streamed weights compute the same image
+
+
 # ---- generate: user errors ------------------------------------------------------------------------
 BAD = {
     "steps-0": ["--steps", 0],
@@ -127,6 +136,8 @@ BAD = {
     "missing-prompts-file": ["--prompts-file", "{tmp}/nope.txt"],
     "empty-prompts-file": ["--prompts-file", "{tmp}/empty.txt"],
     "unknown-model": ["--model", "{tmp}/no-such-model"],
+    "attention-chunk-0": ["--attention-chunk", 0],
+    "vae-tile-not-multiple": ["--vae-tile", 12],
 }
 
 

@@ -93,6 +93,11 @@ def _add_generate(sub) -> None:
                    help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tile = p.add_argument_group("model-level tiling (lower peak memory)")
+    tile.add_argument("--attention-chunk", type=int, help="compute attention this many queries at a time")
+    tile.add_argument("--vae-tile", type=int, help="decode in overlapping tiles of this many pixels")
+    tile.add_argument("--stream-unet", action="store_true",
+                      help="keep only the running UNet block's weights in memory (read from disk every step)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -191,6 +196,7 @@ def cmd_generate(args) -> int:
 
     t_load = time.perf_counter()
     pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner)
+    pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
     load_s = time.perf_counter() - t_load
     pipe.check_size(args.height, args.width)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]

@@ -73,14 +73,45 @@ class Pipeline:
         self.runner = UNetRunner(unet, mode=runner)
         self.denoiser = Denoiser(self.runner, self.schedule)
         self.name = name or "pipeline"
+        self.source: Path | None = None  # the folder it was loaded from, if any
+        self.vae_tile: int | None = None  # latent pixels per VAE decoding tile (None: untiled)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path: str | Path, *, trust_pickle: bool = False, runner: str = "auto") -> "Pipeline":
         parts = folder_io.load_components(path, trust_pickle=trust_pickle)
-        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
+        pipe = cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
                    runner=runner, name=Path(path).name)
+        pipe.source = Path(path)
+        return pipe
+
+    def enable_tiling(self, *, attention_chunk: int | None = None, vae_tile: int | None = None,
+                      stream_unet: bool = False, unet_weights: str | Path | None = None) -> "Pipeline":
+        """Model-level tiling (see :mod:`pocketdiff.tiling`): attention over query chunks in the UNet and VAE,
+        VAE decoding in overlapping tiles, UNet blocks streamed from their weights file."""
+        from . import tiling
+
+        if attention_chunk is not None:
+            tiling.enable_attention_chunking(self.unet, attention_chunk)
+            tiling.enable_attention_chunking(self.vae, attention_chunk)
+        if vae_tile is not None:
+            f = self.vae_scale_factor
+            if vae_tile <= 0 or vae_tile % (4 * f):
+                raise PocketdiffError(f"VAE tile must be a positive multiple of {4 * f} pixels, got {vae_tile}")
+            self.vae_tile = vae_tile // f
+        if stream_unet:
+            weights = Path(unet_weights) if unet_weights else None
+            if weights is None and self.source is not None:
+                weights = self.source / "unet" / "diffusion_pytorch_model.safetensors"
+            if weights is None or not weights.is_file():
+                raise PocketdiffError("streaming the UNet needs its safetensors weights file; load the model from a "
+                                      "folder saved with safetensors (quantized UNets cannot be streamed)")
+            if not isinstance(self.unet, tiling.StreamedUNet):
+                self.unet = tiling.StreamedUNet(self.unet, weights)
+            self.runner = UNetRunner(self.unet, mode="eager")  # a trace would freeze the released weights
+            self.denoiser = Denoiser(self.runner, self.schedule)
+        return self
 
     def save(self, path: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
         return folder_io.save_components(path, self.unet, self.vae, self.text_encoder, self.tokenizer,
@@ -122,6 +153,11 @@ class Pipeline:
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
+        if self.vae_tile:
+            from .tiling import tiled_decode
+
+            return tiled_decode(self.vae, z, tile=self.vae_tile, overlap=self.vae_tile // 4,
+                                halo=max(self.vae_tile // 8, 1))
         return self.vae.decode(z, return_dict=False)[0]
 
     def sigmas(self, steps: int, sampler: str, spacing: str | None = None) -> tuple[np.ndarray, float]:
