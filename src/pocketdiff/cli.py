@@ -93,6 +93,8 @@ def _add_generate(sub) -> None:
                    help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
     tile = p.add_argument_group("model-level tiling (lower peak memory)")
     tile.add_argument("--attention-chunk", type=int, help="compute attention this many queries at a time")
     tile.add_argument("--vae-tile", type=int, help="decode in overlapping tiles of this many pixels")
@@ -177,6 +179,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from . import __version__
+    from .export import read_manifest
     from .models.registry import model_card, resolve_model
     from .pipeline import Pipeline
 
@@ -195,8 +198,22 @@ def cmd_generate(args) -> int:
     guidance = args.guidance if args.guidance is not None else float(card.get("guidance", 7.5))
 
     t_load = time.perf_counter()
-    pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner)
-    pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
+    manifest = read_manifest(folder)
+    if args.backend == "onnxruntime":
+        if manifest is None:
+            raise PocketdiffError(f"{folder}: not an ONNX export; create one with: pocketdiff export {args.model} "
+                                  "--format onnx -o DIR, then pass --model DIR")
+        from .backends.onnxruntime import load_onnx_pipeline
+
+        pipe = load_onnx_pipeline(folder, manifest)
+        if args.attention_chunk or args.vae_tile or args.stream_unet:
+            raise PocketdiffError("model-level tiling flags apply to the torch backend only")
+    else:
+        if manifest is not None:
+            raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export; run it with --backend onnxruntime")
+        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner)
+        pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile,
+                           stream_unet=args.stream_unet)
     load_s = time.perf_counter() - t_load
     pipe.check_size(args.height, args.width)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
@@ -404,6 +421,35 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# ---- export -----------------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    from .export import EXPORTERS
+
+    p = sub.add_parser("export", help="text encoder, UNet and VAE decoder as deployable artefacts + manifest.json")
+    p.add_argument("src", help="model folder or shipped model name")
+    p.add_argument("-o", "--output", required=True, help="the new folder to write")
+    p.add_argument("--format", choices=sorted(EXPORTERS), default="onnx")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx format only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+    from .models.registry import resolve_model
+
+    options = {"opset": args.opset} if args.format == "onnx" else {}
+    if args.format != "onnx" and args.opset != 18:
+        raise PocketdiffError(f"--opset applies to the onnx format only, not {args.format}")
+    manifest = export_model(resolve_model(args.src), args.output, args.format, overwrite=args.overwrite, **options)
+    for name, c in manifest["components"].items():
+        par = c.get("parity", {})
+        print(f"{name}: {c['file']} | parity vs torch: max abs {par.get('max_abs', float('nan')):.2e}, "
+              f"PSNR {par.get('psnr_db')} dB")
+    print(f"wrote {args.output}")
+    return 0
+
+
 # ---- train ------------------------------------------------------------------------------------
 def _add_dataclass_flags(parser, cls, defaults: dict | None = None) -> list[str]:
     """One --flag per scalar field of a config dataclass (its comment-free name, its type)."""
@@ -553,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_quantize(sub)
+    _add_export(sub)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
     p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")

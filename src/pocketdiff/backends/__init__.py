@@ -1,0 +1,1 @@
+"""Runtimes other than torch for exported models (``pocketdiff generate --backend``)."""

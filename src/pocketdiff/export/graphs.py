@@ -1,0 +1,129 @@
+"""The three exported graphs, their fixed signatures, sample inputs and the parity metric.
+
+Every exporter turns the same three tensor-in/tensor-out modules into artefacts:
+
+========================  ==========================================================================
+``text_encoder``          ``input_ids`` int64 (batch, L)  ->  ``last_hidden_state`` f32 (batch, L, D)
+``unet``                  ``sample`` f32 (batch, C, h, w), ``timestep`` f32 (batch,),
+                          ``encoder_hidden_states`` f32 (batch, L, D)
+                          [, ``timestep_cond`` f32 (batch, E) when the UNet has a guidance embedding]
+                          ->  ``out`` f32 (batch, C, h, w) (the model's prediction type)
+``vae_decoder``           ``latent`` f32 (batch, C, h, w), *unscaled* (divided by scaling_factor)
+                          ->  ``image`` f32 (batch, 3, H, W) in [-1, 1]
+========================  ==========================================================================
+
+``batch`` is dynamic (CFG runs the UNet at twice the prompt batch); L, h, w and H, W are fixed at
+the model's default size and the tokenizer's length, recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PocketdiffError
+
+
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
+
+
+class DecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
+        self.decoder = vae.decoder
+
+    def forward(self, latent):
+        if self.post_quant_conv is not None:
+            latent = self.post_quant_conv(latent)
+        return self.decoder(latent)
+
+
+@dataclass
+class GraphSpec:
+    """One exported graph: the module, named sample inputs (batch 2) and the manifest's signature."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    config: dict = field(default_factory=dict)
+
+    def signature(self, batch_name: str = "batch") -> dict:
+        def io(name, t):
+            return {"name": name, "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": [batch_name] + list(t.shape[1:])}
+
+        out = self.module(*self.inputs.values())
+        return {"inputs": [io(n, t) for n, t in self.inputs.items()], "outputs": [io(self.outputs[0], out)]}
+
+
+def graph_specs(parts: dict, batch: int = 2, seed: int = 0) -> list[GraphSpec]:
+    """The three graphs of a loaded model (``folder.load_components``) with seeded sample inputs."""
+    unet, vae, text, tok = parts["unet"].eval(), parts["vae"].eval(), parts["text_encoder"].eval(), parts["tokenizer"]
+    g = torch.Generator().manual_seed(seed)
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = int(unet.config.sample_size)
+    L, vocab = tok.model_max_length, text.config.vocab_size
+    hidden = text.config.hidden_size
+    ids = torch.randint(0, vocab, (batch, L), generator=g)
+    unet_in = {"sample": torch.randn(batch, unet.config.in_channels, side, side, generator=g),
+               "timestep": torch.tensor([999.0, 1.0] * (batch // 2) + [500.0] * (batch % 2)),
+               "encoder_hidden_states": torch.randn(batch, L, hidden, generator=g)}
+    w_dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if w_dim:
+        unet_in["timestep_cond"] = torch.randn(batch, w_dim, generator=g)
+    latent = torch.randn(batch, vae.config.latent_channels, side, side, generator=g)
+    return [
+        GraphSpec("text_encoder", TextEncoderGraph(text).eval(), {"input_ids": ids}, ["last_hidden_state"],
+                  {"max_length": L, "hidden_size": hidden}),
+        GraphSpec("unet", UNetGraph(unet).eval(), unet_in, ["out"],
+                  {"sample_size": side, "in_channels": unet.config.in_channels, "time_cond_proj_dim": w_dim}),
+        GraphSpec("vae_decoder", DecoderGraph(vae).eval(), {"latent": latent}, ["image"],
+                  {"scaling_factor": vae.config.scaling_factor,
+                   "shift_factor": getattr(vae.config, "shift_factor", None),
+                   "block_out_channels": list(vae.config.block_out_channels), "latent_channels":
+                   vae.config.latent_channels, "image_size": side * f}),
+    ]
+
+
+@dataclass
+class Parity:
+    """Exported vs torch on the same inputs. PSNR is relative to the reference's peak-to-peak range."""
+
+    max_abs: float
+    psnr: float
+
+    @classmethod
+    def of(cls, got: torch.Tensor, ref: torch.Tensor) -> "Parity":
+        got, ref = got.double(), ref.double()
+        mse = float((got - ref).pow(2).mean())
+        span = float(ref.max() - ref.min()) or 1.0
+        psnr = math.inf if mse == 0 else 10 * math.log10(span**2 / mse)
+        return cls(float((got - ref).abs().max()), psnr)
+
+    def check(self, name: str, fmt: str, max_abs: float, min_psnr: float) -> None:
+        if not (self.max_abs <= max_abs and self.psnr >= min_psnr):  # NaN fails too
+            raise PocketdiffError(f"{fmt} export of {name} does not match torch: max abs error {self.max_abs:.3g} "
+                                  f"(limit {max_abs:g}), PSNR {self.psnr:.1f} dB (limit {min_psnr:g}); nothing written")
+
+    def as_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "psnr_db": None if math.isinf(self.psnr) else round(self.psnr, 2)}

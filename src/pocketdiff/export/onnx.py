@@ -1,0 +1,71 @@
+"""ONNX export (torch.onnx's dynamo exporter) with an onnxruntime parity check per graph."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import PocketdiffError
+from .graphs import Parity, graph_specs
+
+SUPPORTED_OPSETS = range(18, 24)
+# fp32 exported graphs agree with torch to float rounding; the limits leave room for reordered sums
+MAX_ABS, MIN_PSNR = 1e-3, 60.0
+
+
+def _require():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise PocketdiffError(f"ONNX export needs {e.name}: pip install 'pocketdiff[onnx]'") from None
+
+
+def session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    feed = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+    return torch.from_numpy(sess.run(None, feed)[0])
+
+
+def export_onnx(parts: dict, out: Path, opset: int = 18, check: bool = True) -> dict:
+    _require()
+    if opset not in SUPPORTED_OPSETS:
+        raise PocketdiffError(f"ONNX opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-"
+                              f"{SUPPORTED_OPSETS.stop - 1} (the dynamo exporter needs 18 or newer)")
+    components = {}
+    for spec in graph_specs(parts):
+        path = out / f"{spec.name}.onnx"
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            try:
+                program = torch.onnx.export(spec.module, tuple(spec.inputs.values()), dynamo=True,
+                                            opset_version=opset, input_names=list(spec.inputs),
+                                            output_names=spec.outputs, verbose=False,
+                                            dynamic_shapes={k: {0: batch} for k in spec.inputs})
+            finally:
+                logging.disable(logging.NOTSET)
+            n_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+            program.save(str(path), external_data=n_bytes > 1.5 * 2**30)  # protobuf's 2 GB limit
+            entry = {"file": path.name, **spec.signature(), "config": spec.config}
+            if check:
+                ref = spec.module(*spec.inputs.values())
+                parity = Parity.of(run_session(session(path), spec.inputs), ref)
+                parity.check(spec.name, "ONNX", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
+                entry["parity"] = parity.as_dict()
+        components[spec.name] = entry
+    return {"opset": opset, "components": components}
