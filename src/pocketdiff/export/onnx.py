@@ -17,12 +17,11 @@ MAX_ABS, MIN_PSNR = 1e-3, 60.0
 
 
 def _require():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise PocketdiffError(f"ONNX export needs {e.name}: pip install 'pocketdiff[onnx]'") from None
+    import importlib.util
+
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        if importlib.util.find_spec(module) is None:
+            raise PocketdiffError(f"ONNX export needs {module}: pip install 'pocketdiff[onnx]'")
 
 
 def session(path: str | Path, threads: int | None = None):
