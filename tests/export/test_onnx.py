@@ -127,3 +127,16 @@ def test_cli_export_bad_input(tiny_folder, exported, tmp_path, capsys):
 
 def test_export_manifest_is_json(exported):
     json.loads((exported / "manifest.json").read_text())
+
+
+def test_dynamic_int8_matmul_runs_close_to_fp32(exported, tmp_path):
+    from pocketdiff.export.onnx import quantize_dynamic_matmul, run_session, session
+
+    q = quantize_dynamic_matmul(exported / "unet.onnx", tmp_path / "unet.int8.onnx")
+    sess_fp, sess_q = session(exported / "unet.onnx"), session(q)
+    g = torch.Generator().manual_seed(0)
+    feed = {"sample": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.tensor([10.0, 700.0]),
+            "encoder_hidden_states": torch.randn(2, 16, 32, generator=g), "timestep_cond": torch.randn(2, 8, generator=g)}
+    ref, got = run_session(sess_fp, feed), run_session(sess_q, feed)
+    assert got.shape == ref.shape
+    assert float((got - ref).norm() / ref.norm()) < 0.1
