@@ -444,8 +444,9 @@ def cmd_export(args) -> int:
     manifest = export_model(resolve_model(args.src), args.output, args.format, overwrite=args.overwrite, **options)
     for name, c in manifest["components"].items():
         par = c.get("parity", {})
-        print(f"{name}: {c['file']} | parity vs torch: max abs {par.get('max_abs', float('nan')):.2e}, "
-              f"PSNR {par.get('psnr_db')} dB")
+        check = par["skipped"] if "skipped" in par else \
+            f"max abs {par.get('max_abs', float('nan')):.2e}, PSNR {par.get('psnr_db')} dB"
+        print(f"{name}: {c['file']} | parity vs torch: {check}")
     print(f"wrote {args.output}")
     return 0
 

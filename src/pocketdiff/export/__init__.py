@@ -19,6 +19,8 @@ from ..errors import PocketdiffError
 # format name -> "module:function"; modules are imported on use (their runtimes are optional installs)
 EXPORTERS: dict[str, str] = {
     "onnx": "pocketdiff.export.onnx:export_onnx",
+    "executorch": "pocketdiff.export.executorch:export_executorch",
+    "coreml": "pocketdiff.export.coreml:export_coreml",
 }
 
 MANIFEST = "manifest.json"

@@ -12,8 +12,10 @@ Every exporter turns the same three tensor-in/tensor-out modules into artefacts:
                           ->  ``image`` f32 (batch, 3, H, W) in [-1, 1]
 ========================  ==========================================================================
 
-``batch`` is dynamic (CFG runs the UNet at twice the prompt batch); L, h, w and H, W are fixed at
-the model's default size and the tokenizer's length, recorded in the manifest.
+In ONNX ``batch`` is dynamic (CFG runs the UNet at twice the prompt batch). ExecuTorch and Core ML
+artefacts have static shapes, as mobile runtimes prefer: one prompt, so the UNet's batch is 2 (the
+CFG pair) or 1 (a UNet with a guidance embedding, LCM-style). L, h, w and H, W are fixed at the
+model's default size and the tokenizer's length; the manifest records every shape.
 """
 
 from __future__ import annotations
@@ -67,31 +69,37 @@ class GraphSpec:
     outputs: list[str]
     config: dict = field(default_factory=dict)
 
-    def signature(self, batch_name: str = "batch") -> dict:
+    def signature(self, dynamic_batch: bool = True) -> dict:
+        """Inputs and outputs as {name, dtype, shape}; the batch axis is "batch" when it is dynamic."""
         def io(name, t):
             return {"name": name, "dtype": str(t.dtype).removeprefix("torch."),
-                    "shape": [batch_name] + list(t.shape[1:])}
+                    "shape": ["batch" if dynamic_batch else t.shape[0]] + list(t.shape[1:])}
 
         out = self.module(*self.inputs.values())
         return {"inputs": [io(n, t) for n, t in self.inputs.items()], "outputs": [io(self.outputs[0], out)]}
 
 
-def graph_specs(parts: dict, batch: int = 2, seed: int = 0) -> list[GraphSpec]:
-    """The three graphs of a loaded model (``folder.load_components``) with seeded sample inputs."""
+def graph_specs(parts: dict, batch: int | None = 2, seed: int = 0) -> list[GraphSpec]:
+    """The three graphs of a loaded model (``folder.load_components``) with seeded sample inputs.
+
+    ``batch=None`` gives the fixed batches of a static-shape export: one prompt, so the UNet runs at
+    batch 2 (the CFG pair) unless it has a guidance embedding (batch 1), and the decoder at batch 1.
+    """
     unet, vae, text, tok = parts["unet"].eval(), parts["vae"].eval(), parts["text_encoder"].eval(), parts["tokenizer"]
     g = torch.Generator().manual_seed(seed)
+    w_dim = getattr(unet.config, "time_cond_proj_dim", None)
+    text_b, unet_b, dec_b = (1, 1 if w_dim else 2, 1) if batch is None else (batch, batch, batch)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     side = int(unet.config.sample_size)
     L, vocab = tok.model_max_length, text.config.vocab_size
     hidden = text.config.hidden_size
-    ids = torch.randint(0, vocab, (batch, L), generator=g)
-    unet_in = {"sample": torch.randn(batch, unet.config.in_channels, side, side, generator=g),
-               "timestep": torch.tensor([999.0, 1.0] * (batch // 2) + [500.0] * (batch % 2)),
-               "encoder_hidden_states": torch.randn(batch, L, hidden, generator=g)}
-    w_dim = getattr(unet.config, "time_cond_proj_dim", None)
+    ids = torch.randint(0, vocab, (text_b, L), generator=g)
+    unet_in = {"sample": torch.randn(unet_b, unet.config.in_channels, side, side, generator=g),
+               "timestep": torch.tensor([999.0, 1.0] * (unet_b // 2) + [500.0] * (unet_b % 2)),
+               "encoder_hidden_states": torch.randn(unet_b, L, hidden, generator=g)}
     if w_dim:
-        unet_in["timestep_cond"] = torch.randn(batch, w_dim, generator=g)
-    latent = torch.randn(batch, vae.config.latent_channels, side, side, generator=g)
+        unet_in["timestep_cond"] = torch.randn(unet_b, w_dim, generator=g)
+    latent = torch.randn(dec_b, vae.config.latent_channels, side, side, generator=g)
     return [
         GraphSpec("text_encoder", TextEncoderGraph(text).eval(), {"input_ids": ids}, ["last_hidden_state"],
                   {"max_length": L, "hidden_size": hidden}),

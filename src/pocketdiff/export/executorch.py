@@ -1,0 +1,59 @@
+"""ExecuTorch export: ``torch.export`` -> edge dialect lowered to XNNPACK -> ``.pte``, parity-checked by
+running each program in ExecuTorch's own runtime (the pybindings that ship with the pip package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import PocketdiffError
+from .graphs import Parity, graph_specs
+
+# XNNPACK fp32 kernels agree with torch's to float rounding
+MAX_ABS, MIN_PSNR = 1e-3, 60.0
+
+
+def _require():
+    if importlib.util.find_spec("executorch") is None:
+        raise PocketdiffError("ExecuTorch export needs executorch: pip install 'pocketdiff[executorch]'")
+
+
+def load_method(path: str | Path):
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(str(path)).load_method("forward")
+
+
+def export_executorch(parts: dict, out: Path, check: bool = True) -> dict:
+    _require()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    components = {}
+    for spec in graph_specs(parts, batch=None):
+        path = out / f"{spec.name}.pte"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.disable(logging.WARNING)
+            try:
+                program = torch.export.export(spec.module, tuple(spec.inputs.values()))
+                lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+            except Exception as e:  # the exporter's errors are long; one line names the graph and the cause
+                raise PocketdiffError(f"ExecuTorch cannot export {spec.name}: {str(e).splitlines()[0][:200]}") from None
+            finally:
+                logging.disable(logging.NOTSET)
+        path.write_bytes(lowered.buffer)
+        entry = {"file": path.name, **spec.signature(dynamic_batch=False), "config": spec.config,
+                 "backend": "xnnpack"}
+        if check:
+            ref = spec.module(*spec.inputs.values())
+            got = load_method(path).execute(list(spec.inputs.values()))[0]
+            parity = Parity.of(got, ref)
+            parity.check(spec.name, "ExecuTorch", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
+            entry["parity"] = parity.as_dict()
+        components[spec.name] = entry
+    return {"components": components, "runtime": "executorch (XNNPACK delegate)"}
