@@ -40,8 +40,12 @@ def measure_vae(vae_dir: Path, n: int) -> dict:
             "params": count_params(vae), **q}
 
 
-def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], steps: int) -> dict:
+def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], steps: int,
+                    clip_dir: str | None = None) -> dict:
+    from pocketdiff.eval.clip import load_domain_clip
     from pocketdiff.pipeline import Pipeline
+
+    clip = load_domain_clip(clip_dir)
 
     folder = resolve_model(model)
     pipe = Pipeline.from_folder(folder)
@@ -52,11 +56,11 @@ def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], st
             "size_mb": folder_mb(folder)}
     sweep = []
     for g in guidances:
-        r = evaluate(pipe, n=sweep_n, steps=steps, sampler="ddim", guidance=g, seed=1000)
+        r = evaluate(pipe, n=sweep_n, steps=steps, sampler="ddim", guidance=g, seed=1000, clip=clip)
         sweep.append(r)
         print(f"guidance {g}: all-correct {r['all_correct']:.3f}", file=sys.stderr, flush=True)
     best_g = max(sweep, key=lambda r: r["all_correct"])["guidance"]
-    best = evaluate(pipe, n=n, steps=steps, sampler="ddim", guidance=best_g, seed=0)
+    best = evaluate(pipe, n=n, steps=steps, sampler="ddim", guidance=best_g, seed=0, clip=clip)
     return {"name": folder.name, "folder": str(folder), "model": info, "sweep": sweep, "best": best}
 
 
@@ -93,6 +97,7 @@ def main(argv=None) -> int:
     t.add_argument("--sweep-n", type=int, default=200)
     t.add_argument("--steps", type=int, default=50)
     t.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
+    t.add_argument("--clip", default=None, help="domain-CLIP folder (default: the shipped shapes-clip, if any)")
     t.add_argument("--write-card", action="store_true", help="store the results in the model folder's card")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
                 f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\nSHAPES.md's gate for training a UNet "
                 f"on these latents is >= 97% all-correct.\n")
     else:
-        r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps)
+        r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps, args.clip)
         (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
         if args.write_card:
             write_card(Path(r["folder"]), r)

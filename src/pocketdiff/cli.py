@@ -370,11 +370,9 @@ def cmd_eval(args) -> int:
     if not math.isfinite(args.guidance):
         raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
     _check_json_out(args.json, args.overwrite)
-    from .eval.clip import DomainCLIP
-    from .models.components import resolve_component, shipped_components
+    from .eval.clip import load_domain_clip
 
-    clip_dir = args.clip or shipped_components().get("shapes-clip")
-    clip = DomainCLIP.load(resolve_component(clip_dir)) if clip_dir else None
+    clip = load_domain_clip(args.clip)
     pipe = Pipeline.from_folder(resolve_model(args.model))
     r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=not args.no_progress, clip=clip)

@@ -382,3 +382,11 @@ def train_clip(cfg, clip_cfg: ClipConfig | None = None, resume: bool = True, spl
     quality = clip_quality(final, n=1000, seed=4242)
     (out / "quality.json").write_text(json.dumps({"step": trainer.step, **quality}, indent=2))
     return out
+
+
+def load_domain_clip(folder: str | Path | None = None) -> "DomainCLIP | None":
+    """A domain-CLIP folder or shipped component name; by default the shipped ``shapes-clip``, else None."""
+    from ..models.components import resolve_component, shipped_components
+
+    folder = folder or shipped_components().get("shapes-clip")
+    return DomainCLIP.load(resolve_component(folder)) if folder else None
