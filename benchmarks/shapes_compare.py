@@ -1,0 +1,113 @@
+"""Compare Shapes models in one run: quality (checker, CLIP score, FD), UNet cost and pipeline latency.
+
+Each ``--run`` is ``LABEL=MODEL:SAMPLER:STEPS:GUIDANCE``. All runs are scored on the same fresh
+prompts and seeds. UNet params, MACs and per-step latency are measured for every model in one
+interleaved loop (A B C A B C ...), so their ratios to the first run's model are same-run ratios.
+
+    python benchmarks/shapes_compare.py --name kd \\
+        --run teacher=shapes-teacher:dpmpp_2m:25:4 --run bk-tiny=runs/kd/model:dpmpp_2m:25:4 [--n 500]
+
+writes docs/results/shapes_<name>.json (and prints markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+
+from pocketdiff.bench.measure import component_call, count_macs, count_params  # noqa: E402
+from pocketdiff.eval.quality import evaluate, markdown_row  # noqa: E402
+
+
+def parse_run(text: str) -> dict:
+    try:
+        label, rest = text.split("=", 1)
+        model, sampler, steps, guidance = rest.rsplit(":", 3)
+        return {"label": label, "model": model, "sampler": sampler, "steps": int(steps), "guidance": float(guidance)}
+    except ValueError:
+        raise SystemExit(f"--run {text!r}: expected LABEL=MODEL:SAMPLER:STEPS:GUIDANCE") from None
+
+
+@torch.no_grad()
+def unet_costs(pipes: dict, runs: int) -> dict:
+    """{label: {params, gmacs, unet_ms}} with each UNet called as the pipeline calls it (CFG batch or not)."""
+    calls, out = {}, {}
+    for label, (pipe, run) in pipes.items():
+        cfg = run["guidance"] != 1.0 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
+        fn, inputs = component_call("unet", pipe.unet, resolution=pipe.default_size, cfg=cfg,
+                                    latent_factor=pipe.vae_scale_factor, seq_len=pipe.tokenizer.model_max_length)
+        calls[label] = (fn, inputs)
+        out[label] = {"params": count_params(pipe.unet), "gmacs": count_macs(fn, *inputs) / 1e9, "cfg": cfg, "t": []}
+        for _ in range(3):
+            fn(*inputs)
+    for _ in range(runs):
+        for label, (fn, inputs) in calls.items():
+            t0 = time.perf_counter()
+            fn(*inputs)
+            out[label]["t"].append(time.perf_counter() - t0)
+    for o in out.values():
+        o["unet_ms"] = 1e3 * statistics.median(o.pop("t"))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    from pocketdiff.eval.quality import MARKDOWN_HEADER
+
+    cost = ["| run | UNet params M | UNet GMACs/step | UNet ms/step | UNet step vs first | s/image vs first |",
+            "|---|---|---|---|---|---|"]
+    for r in rows:
+        cost.append(f"| {r['label']} | {r['params'] / 1e6:.2f} | {r['gmacs']:.3f} | {r['unet_ms']:.2f} | "
+                    f"{r['unet_ratio']:.2f}x | {r['time_ratio']:.3f}x |")
+    quality = [MARKDOWN_HEADER] + [markdown_row(r["label"], r["quality"]) for r in rows]
+    return "\n".join(cost) + "\n\n" + "\n".join(quality)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True, help="results file: docs/results/shapes_<name>.json")
+    ap.add_argument("--run", action="append", required=True, type=parse_run)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost-runs", type=int, default=30)
+    ap.add_argument("--clip", default=None, help="domain-CLIP folder (default: the shipped shapes-clip, if any)")
+    args = ap.parse_args()
+    from pocketdiff.eval.clip import load_domain_clip
+    from pocketdiff.models.registry import resolve_model
+    from pocketdiff.pipeline import Pipeline
+
+    clip = load_domain_clip(args.clip)
+    pipes = {r["label"]: (Pipeline.from_folder(resolve_model(r["model"])), r) for r in args.run}
+    costs = unet_costs(pipes, args.cost_runs)
+    rows = []
+    for label, (pipe, run) in pipes.items():
+        q = evaluate(pipe, n=args.n, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"],
+                     seed=args.seed, clip=clip)
+        rows.append({**run, **costs[label], "quality": q})
+        print(markdown_row(label, q), file=sys.stderr, flush=True)
+    for r in rows:
+        r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]
+        r["time_ratio"] = r["quality"]["seconds_per_image"] / rows[0]["quality"]["seconds_per_image"]
+    print(markdown(rows))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"shapes_{args.name}.json"
+    command = "python benchmarks/shapes_compare.py " + " ".join(sys.argv[1:])
+    path.write_text(json.dumps({"meta": {"n": args.n, "seed": args.seed, "threads": torch.get_num_threads(),
+                                         "command": command},
+                                "rows": rows}, indent=2, default=float))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
