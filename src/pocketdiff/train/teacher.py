@@ -44,9 +44,10 @@ SHAPES_SCHEDULER = dict(
 )
 
 
-# The shipped recipe's schedule (about 75 minutes on 2 CPU cores).
-DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=9000, batch_size=48, lr=1e-3, warmup_steps=300,
-                     log_every=50, checkpoint_every=300, monitor_every_s=600, ema_decay=0.999)
+# The shipped recipe's schedule: about 1.2 s per step at batch 48 on 2 CPU cores (40 samples/s; the
+# 16x16 attention stage dominates), so 3600 steps is about 75 minutes, plus ~4 minutes encoding the pool.
+DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=3600, batch_size=48, lr=1e-3, warmup_steps=200,
+                     log_every=50, checkpoint_every=200, monitor_every_s=600, ema_decay=0.999)
 
 
 @dataclass
