@@ -48,6 +48,39 @@ def test_streamed_unet_is_exact_and_frees_its_blocks(tiny_folder):
     assert resident < sum(p.numel() for p in Pipeline.from_folder(tiny_folder).unet.parameters()) / 2
 
 
+def test_streamed_unet_holds_one_segment_at_a_time(tiny_folder):
+    unet = Pipeline.from_folder(tiny_folder, runner="eager").unet.eval()
+    streamed = StreamedUNet(unet, tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    loaded = []
+
+    def count(module, args):
+        loaded.append(sum(any(p.numel() for p in seg.parameters()) for seg in streamed.segments))
+
+    for seg in streamed.segments:
+        seg.register_forward_pre_hook(count)  # runs after the streaming pre-hook: this segment is loaded
+    x, t, ctx = _unet_inputs(unet)
+    with torch.no_grad():
+        streamed(x, t, encoder_hidden_states=ctx)
+    assert loaded and max(loaded) == 1
+
+
+def test_attention_chunking_refuses_other_processors():
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    unet = tiny_components(0)["unet"]
+    unet.set_attn_processor(AttnAddedKVProcessor())
+    with pytest.raises(PocketdiffError, match="plain attention only"):
+        enable_attention_chunking(unet, 4)
+
+
+def test_quantized_unet_cannot_be_streamed(tiny_folder, tmp_path):
+    from pocketdiff.quant import quantize_folder
+
+    q = quantize_folder(tiny_folder, tmp_path / "w8")
+    with pytest.raises(PocketdiffError, match="quantized UNet cannot be streamed"):
+        Pipeline.from_folder(q).enable_tiling(stream_unet=True)
+
+
 def test_streamed_unet_refuses_another_models_weights(tiny_folder, tmp_path):
     from safetensors.torch import save_file
 
@@ -91,9 +124,12 @@ def test_vae_tiling_has_no_seams():
     vae = AutoencoderKL.from_pretrained(str(resolve_component("shapes-vae"))).eval()
     z = _big_scene_latents(vae)
     ref = vae.decode(z).sample
-    exact = tiled_decode(vae, z, tile=16, overlap=4, halo=4, stats_downsample=1)
-    assert (exact - ref).abs().max() < 1e-3  # whole-image statistics: tiling itself is exact
-    tiled = tiled_decode(vae, z, tile=16, overlap=4, halo=4)
+    for halo in (4, 6):  # 6: the default
+        exact = tiled_decode(vae, z, tile=16, overlap=4, halo=halo, stats_downsample=1)
+        assert (exact - ref).abs().max() < 1e-3  # whole-image statistics: tiling itself is exact
+    refined = tiled_decode(vae, z, tile=16, overlap=4, refine=1)
+    assert 10 * torch.log10(4 / (refined - ref).pow(2).mean()) > 40
+    tiled = tiled_decode(vae, z, tile=16, overlap=4)
     assert tiled.shape == ref.shape
     psnr = 10 * torch.log10(4 / (tiled - ref).pow(2).mean())
     assert psnr > 40, psnr
@@ -118,5 +154,26 @@ def test_pipeline_vae_tile_size_is_checked(tiny_folder):
         pipe.enable_tiling(vae_tile=12)
     pipe.enable_tiling(vae_tile=16)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    expected = tiled_decode(pipe.vae, z / pipe.vae.config.scaling_factor, tile=8, overlap=2, halo=1)
+    expected = tiled_decode(pipe.vae, z / pipe.vae.config.scaling_factor, tile=8, overlap=2)
     assert torch.allclose(pipe.decode(z), expected)
+    # the decoder's GroupNorms are themselves again afterwards
+    assert not any("forward" in m.__dict__ for m in pipe.vae.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+@pytest.mark.parametrize("scale_qk", [True, False])
+def test_chunked_attention_matches_diffusers_with_norms_and_mask(scale_qk):
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8, norm_num_groups=4,
+                     cross_attention_norm="layer_norm", scale_qk=scale_qk, residual_connection=True).eval()
+    x = torch.randn(2, 16, 3, 5)  # (B, C, H, W): 15 queries
+    ctx = torch.randn(2, 6, 8)
+    mask = torch.zeros(2, 1, 6)  # additive bias, as diffusers' UNet passes encoder masks
+    mask[0, :, 4:] = -10000.0  # padding keys of the first sample
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0() if scale_qk else AttnProcessor())
+        ref = attn(x, encoder_hidden_states=ctx, attention_mask=mask)
+        attn.set_processor(ChunkedAttnProcessor(4))
+        got = attn(x, encoder_hidden_states=ctx, attention_mask=mask)
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -95,6 +95,7 @@ class Pipeline:
         if attention_chunk is not None:
             tiling.enable_attention_chunking(self.unet, attention_chunk)
             tiling.enable_attention_chunking(self.vae, attention_chunk)
+            self.runner.reset()  # a trace made before would keep the old attention
         if vae_tile is not None:
             f = self.vae_scale_factor
             if vae_tile <= 0 or vae_tile % (4 * f):
@@ -104,6 +105,9 @@ class Pipeline:
             weights = Path(unet_weights) if unet_weights else None
             if weights is None and self.source is not None:
                 weights = self.source / "unet" / "diffusion_pytorch_model.safetensors"
+            if self.source is not None and (self.source / "unet" / "quantization.json").is_file():
+                raise PocketdiffError("a quantized UNet cannot be streamed (its file holds int8 weights); stream the "
+                                      "float model folder instead")
             if weights is None or not weights.is_file():
                 raise PocketdiffError("streaming the UNet needs its safetensors weights file; load the model from a "
                                       "folder saved with safetensors (quantized UNets cannot be streamed)")
@@ -156,8 +160,7 @@ class Pipeline:
         if self.vae_tile:
             from .tiling import tiled_decode
 
-            return tiled_decode(self.vae, z, tile=self.vae_tile, overlap=self.vae_tile // 4,
-                                halo=max(self.vae_tile // 8, 1))
+            return tiled_decode(self.vae, z, tile=self.vae_tile, overlap=self.vae_tile // 4)
         return self.vae.decode(z, return_dict=False)[0]
 
     def sigmas(self, steps: int, sampler: str, spacing: str | None = None) -> tuple[np.ndarray, float]:

@@ -54,7 +54,7 @@ class ChunkedAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
             if encoder_hidden_states is None:
                 context = hidden_states
-        elif encoder_hidden_states is not None and attn.norm_cross:
+        if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 
         def heads(x):  # (B, N, H*d) -> (B, H, N, d)
@@ -70,7 +70,8 @@ class ChunkedAttnProcessor:
                 q = attn.norm_q(q)
             mask = None if attention_mask is None else attention_mask[:, :, i:i + self.chunk] \
                 if attention_mask.shape[2] > 1 else attention_mask
-            o = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+            o = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                               scale=attn.scale)
             out.append(o.transpose(1, 2).reshape(b, o.shape[2], -1))
         hidden_states = attn.to_out[1](attn.to_out[0](torch.cat(out, dim=1)))
         if spatial:
@@ -81,10 +82,19 @@ class ChunkedAttnProcessor:
 
 
 def enable_attention_chunking(model: torch.nn.Module, chunk: int) -> int:
-    """Give every diffusers ``Attention`` in ``model`` a :class:`ChunkedAttnProcessor`; returns how many."""
-    from diffusers.models.attention_processor import Attention
+    """Give every diffusers ``Attention`` in ``model`` a :class:`ChunkedAttnProcessor`; returns how many.
 
+    Only plain attention (diffusers' ``AttnProcessor``/``AttnProcessor2_0``) is replaced; a model with
+    other processors (added KV, IP-adapter, fused QKV, custom) is refused rather than changed silently.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    ChunkedAttnProcessor(chunk)  # validates chunk
     mods = [m for m in model.modules() if isinstance(m, Attention)]
+    other = {type(m.processor).__name__ for m in mods
+             if not isinstance(m.processor, (AttnProcessor, AttnProcessor2_0, ChunkedAttnProcessor))}
+    if other:
+        raise PocketdiffError(f"attention chunking supports plain attention only; this model uses {', '.join(sorted(other))}")
     for m in mods:
         m.set_processor(ChunkedAttnProcessor(chunk))
     return len(mods)
@@ -119,13 +129,17 @@ def _patched_norms(norms: list[torch.nn.GroupNorm], ctl: dict):
             return y
         return forward
 
+    saved = [(gn, gn.__dict__.get("forward")) for gn in norms]
     for gn in norms:
         gn.forward = patched(gn)
     try:
         yield ctl
     finally:
-        for gn in norms:
-            del gn.forward  # back to the class's method
+        for gn, previous in saved:
+            if previous is None:
+                del gn.forward  # back to the class's method
+            else:
+                gn.forward = previous
 
 
 def _ramp(n: int, fade: int, start: bool, end: bool) -> torch.Tensor:
@@ -141,23 +155,28 @@ def _ramp(n: int, fade: int, start: bool, end: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tiled_decode(vae, z: torch.Tensor, tile: int = 32, overlap: int = 8, halo: int = 4,
+def tiled_decode(vae, z: torch.Tensor, tile: int = 32, overlap: int = 8, halo: int = 6,
                  stats_downsample: int = 2, refine: int = 0, untiled_blocks: int = 1) -> torch.Tensor:
     """VAE decoding in overlapping latent tiles, blended linearly across the overlap.
 
     ``z`` are unscaled latents (what ``vae.decode`` takes); ``tile``, ``overlap`` and ``halo`` count
-    latent pixels. The decoder's input conv and mid block (its only attention, at latent resolution)
-    run on the whole latent - they are cheap there - so only the upsampling blocks, which hold the
-    large activations, are tiled; each tile sees ``halo`` latent pixels of context that are cut away.
+    latent pixels. The decoder's input conv, mid block (its only attention, at latent resolution) and
+    first ``untiled_blocks`` up blocks run on the whole image - their activations are small - so only
+    the later upsampling blocks, which hold the large activations, are tiled; each tile sees ``halo``
+    latent pixels of context that are cut away (6 covers the receptive field of SD's decoder tail to
+    float precision; the tests measure it).
 
     GroupNorm statistics must be the whole image's for tiles to agree (per-tile statistics are what
     make naive tiling show seams). They are estimated by one untiled pass over the mid-block output
     average-pooled by ``stats_downsample`` (1: exact, at the untiled pass's memory), then ``refine``
     times re-measured over the tiles themselves, each tile adding the sums over the region it owns.
     """
-    if tile <= 0 or not 0 <= overlap < tile or halo < 0 or stats_downsample < 1 or refine < 0:
+    if tile <= 0 or not 0 <= overlap < tile or halo < 0:
         raise PocketdiffError(f"VAE tiling needs tile > overlap >= 0 and halo >= 0 latent pixels, got tile={tile}, "
                               f"overlap={overlap}, halo={halo}")
+    if stats_downsample < 1 or refine < 0 or not 0 <= untiled_blocks < len(vae.decoder.up_blocks):
+        raise PocketdiffError(f"VAE tiling needs stats_downsample >= 1, refine >= 0 and 0 <= untiled_blocks < "
+                              f"{len(vae.decoder.up_blocks)}")
     dec = vae.decoder
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
@@ -232,15 +251,17 @@ def _tail(dec, h: torch.Tensor, first: int = 0) -> torch.Tensor:
 # ---- UNet segments streamed from disk ----------------------------------------------------------
 def _safetensors_index(path: Path) -> tuple[int, dict]:
     """(byte offset of the data, {name: (dtype, shape, start, end)}) from a safetensors header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items()}
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return 8 + n, {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items()}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise PocketdiffError(f"{path}: not a readable safetensors file; re-save the model folder") from None
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # float weights only
 
 
 class StreamedUNet(torch.nn.Module):
@@ -258,10 +279,10 @@ class StreamedUNet(torch.nn.Module):
         self._base, self._index = _safetensors_index(self.weights)
         self.segments = [m for m in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if m is not None]
         self._names = {id(seg): self._segment_names(seg) for seg in self.segments}
+        self._hooks = []
         for seg in self.segments:
             self._release(seg)
-            seg.register_forward_pre_hook(self._load_hook)
-            seg.register_forward_hook(self._release_hook)
+            self._hooks += [seg.register_forward_pre_hook(self._load_hook), seg.register_forward_hook(self._release_hook)]
 
     @property
     def config(self):
@@ -274,10 +295,15 @@ class StreamedUNet(torch.nn.Module):
     def _segment_names(self, seg: torch.nn.Module) -> dict[str, str]:
         prefix = {id(m): n for n, m in self.unet.named_modules()}[id(seg)]
         names = {}
-        for local, _ in list(seg.named_parameters()) + list(seg.named_buffers()):
+        for local, t in list(seg.named_parameters()) + list(seg.named_buffers()):
             full = f"{prefix}.{local}"
             if full not in self._index:
                 raise PocketdiffError(f"{self.weights.name} has no tensor {full}: it is not this UNet's weights file")
+            dtype, shape, *_ = self._index[full]
+            if dtype not in _DTYPES or tuple(shape) != tuple(t.shape):
+                raise PocketdiffError(f"{self.weights.name}: {full} is {dtype} {tuple(shape)}, the UNet has "
+                                      f"{tuple(t.shape)} floats; streaming needs the folder's own float weights "
+                                      "(not a quantized or different model)")
             names[local] = full
         return names
 
@@ -302,8 +328,12 @@ class StreamedUNet(torch.nn.Module):
                 buf = torch.empty(shape, dtype=_DTYPES[dtype])
                 if end > start:
                     f.seek(self._base + start)
-                    if f.readinto(buf.view(-1).view(torch.uint8).numpy()) != end - start:
-                        raise PocketdiffError(f"{self.weights} is truncated: re-save the model folder")
+                    view, done = memoryview(buf.view(-1).view(torch.uint8).numpy()), 0
+                    while done < end - start:  # readinto may return short counts on large reads
+                        got = f.readinto(view[done:])
+                        if not got:
+                            raise PocketdiffError(f"{self.weights} is truncated: re-save the model folder")
+                        done += got
                 t = getattr(owner, leaf)
                 t.data = buf.to(t.dtype)
 
@@ -314,4 +344,8 @@ class StreamedUNet(torch.nn.Module):
         self._release(seg)
 
     def forward(self, *args, **kwargs):
-        return self.unet(*args, **kwargs)
+        try:
+            return self.unet(*args, **kwargs)
+        finally:  # a failed call must not leave a segment resident
+            for seg in self.segments:
+                self._release(seg)

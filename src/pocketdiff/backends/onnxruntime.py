@@ -62,7 +62,8 @@ def load_onnx_pipeline(folder: str | Path, manifest: dict, threads: int | None =
     comps = manifest.get("components", {})
     missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in comps]
     if manifest.get("format") != "onnx" or missing:
-        raise PocketdiffError(f"{folder}: not an ONNX export of pocketdiff (missing {', '.join(missing) or 'format'}); "
+        what = f"format {manifest.get('format')!r}" if manifest.get("format") != "onnx" else f"no {', '.join(missing)}"
+        raise PocketdiffError(f"{folder}: not a complete ONNX export of pocketdiff ({what}); "
                               "create one with: pocketdiff export MODEL --format onnx -o DIR")
     unet = OrtUNet(folder, comps["unet"], threads)
     vae = OrtDecoder(folder, comps["vae_decoder"], threads)

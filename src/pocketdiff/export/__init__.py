@@ -3,7 +3,8 @@
 One module per format, registered by name in :data:`EXPORTERS`. Each writes the text encoder, UNet
 and VAE decoder as separate artefacts with the signatures of :mod:`pocketdiff.export.graphs`, a
 ``manifest.json`` describing them, and the tokenizer and scheduler config the samplers need; each
-checks every artefact against torch on sample inputs and fails, writing nothing, when parity fails.
+checks every artefact against torch on sample inputs and fails, writing nothing, when parity fails
+(Core ML can run its packages only on macOS: elsewhere the manifest marks the check skipped).
 """
 
 from __future__ import annotations

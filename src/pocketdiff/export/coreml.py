@@ -8,16 +8,14 @@ parity check was not run. On macOS each package is run against torch like the ot
 from __future__ import annotations
 
 import importlib.util
-import logging
 import platform
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, graph_specs
+from .graphs import Parity, first_line, graph_specs, guarded
 
 MAX_ABS, MIN_PSNR = 1e-3, 60.0
 
@@ -39,7 +37,7 @@ def _convert(ct, spec, inputs, target):
         try:
             return ct.convert(program(), **kw)
         except Exception as e:  # try the other front end; report both if neither converts
-            errors.append(f"{name}: {str(e).splitlines()[0][:120]}")
+            errors.append(f"{name}: {first_line(e)[:120]}")
     raise PocketdiffError(f"Core ML cannot convert {spec.name} ({'; '.join(errors)})")
 
 
@@ -52,28 +50,25 @@ def export_coreml(parts: dict, out: Path, check: bool = True, deployment_target:
         path = out / f"{spec.name}.mlpackage"
         inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int64 else np.float32)
                   for n, x in spec.inputs.items()]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.disable(logging.WARNING)
-            try:
-                model = _convert(ct, spec, inputs, getattr(ct.target, deployment_target))
-            finally:
-                logging.disable(logging.NOTSET)
-        model.save(str(path))
+        with guarded("Core ML", spec.name):
+            model = _convert(ct, spec, inputs, getattr(ct.target, deployment_target))
+            model.save(str(path))
         sig = spec.signature(dynamic_batch=False)
         for i in sig["inputs"]:
             if i["dtype"] == "int64":
                 i["dtype"] = "int32"  # Core ML has no int64 inputs
-        saved = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description
+        with guarded("Core ML", spec.name):
+            saved = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description
         if [i.name for i in saved.input] != [i["name"] for i in sig["inputs"]] or \
                 [o.name for o in saved.output] != spec.outputs:
             raise PocketdiffError(f"Core ML package of {spec.name} does not have the documented signature")
         entry = {"file": path.name, **sig, "config": spec.config, "precision": "float32"}
         if check and platform.system() == "Darwin":
-            ref = spec.module(*spec.inputs.values())
+            ref = spec.reference()
             feed = {n: x.numpy().astype(np.int32 if x.dtype == torch.int64 else np.float32)
                     for n, x in spec.inputs.items()}
-            got = torch.from_numpy(model.predict(feed)[spec.outputs[0]])
+            with guarded("Core ML", spec.name):
+                got = torch.from_numpy(model.predict(feed)[spec.outputs[0]])
             parity = Parity.of(got, ref)
             parity.check(spec.name, "Core ML", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
             entry["parity"] = parity.as_dict()

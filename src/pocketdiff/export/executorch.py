@@ -4,14 +4,12 @@ running each program in ExecuTorch's own runtime (the pybindings that ship with 
 from __future__ import annotations
 
 import importlib.util
-import logging
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, graph_specs
+from .graphs import Parity, graph_specs, guarded
 
 # XNNPACK fp32 kernels agree with torch's to float rounding
 MAX_ABS, MIN_PSNR = 1e-3, 60.0
@@ -36,24 +34,17 @@ def export_executorch(parts: dict, out: Path, check: bool = True) -> dict:
     components = {}
     for spec in graph_specs(parts, batch=None):
         path = out / f"{spec.name}.pte"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.disable(logging.WARNING)
-            try:
-                program = torch.export.export(spec.module, tuple(spec.inputs.values()))
-                lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-            except Exception as e:  # the exporter's errors are long; one line names the graph and the cause
-                raise PocketdiffError(f"ExecuTorch cannot export {spec.name}: {str(e).splitlines()[0][:200]}") from None
-            finally:
-                logging.disable(logging.NOTSET)
-        path.write_bytes(lowered.buffer)
-        entry = {"file": path.name, **spec.signature(dynamic_batch=False), "config": spec.config,
-                 "backend": "xnnpack"}
-        if check:
-            ref = spec.module(*spec.inputs.values())
-            got = load_method(path).execute(list(spec.inputs.values()))[0]
-            parity = Parity.of(got, ref)
-            parity.check(spec.name, "ExecuTorch", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
-            entry["parity"] = parity.as_dict()
+        with guarded("ExecuTorch", spec.name):
+            program = torch.export.export(spec.module, tuple(spec.inputs.values()))
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+            path.write_bytes(lowered.buffer)
+            entry = {"file": path.name, **spec.signature(dynamic_batch=False), "config": spec.config,
+                     "backend": "xnnpack"}
+            if check:
+                ref = spec.reference()
+                got = load_method(path).execute(list(spec.inputs.values()))[0]
+                parity = Parity.of(got, ref)
+                parity.check(spec.name, "ExecuTorch", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
+                entry["parity"] = parity.as_dict()
         components[spec.name] = entry
     return {"components": components, "runtime": "executorch (XNNPACK delegate)"}

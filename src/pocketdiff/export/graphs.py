@@ -20,7 +20,10 @@ model's default size and the tokenizer's length; the manifest records every shap
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +64,7 @@ class DecoderGraph(torch.nn.Module):
 
 @dataclass
 class GraphSpec:
-    """One exported graph: the module, named sample inputs (batch 2) and the manifest's signature."""
+    """One exported graph: the module, named sample inputs and the manifest's signature."""
 
     name: str
     module: torch.nn.Module
@@ -69,14 +72,20 @@ class GraphSpec:
     outputs: list[str]
     config: dict = field(default_factory=dict)
 
+    def reference(self) -> torch.Tensor:
+        """torch's output on the sample inputs (computed once)."""
+        if not hasattr(self, "_reference"):
+            with torch.no_grad():
+                self._reference = self.module(*self.inputs.values())
+        return self._reference
+
     def signature(self, dynamic_batch: bool = True) -> dict:
         """Inputs and outputs as {name, dtype, shape}; the batch axis is "batch" when it is dynamic."""
         def io(name, t):
             return {"name": name, "dtype": str(t.dtype).removeprefix("torch."),
                     "shape": ["batch" if dynamic_batch else t.shape[0]] + list(t.shape[1:])}
 
-        out = self.module(*self.inputs.values())
-        return {"inputs": [io(n, t) for n, t in self.inputs.items()], "outputs": [io(self.outputs[0], out)]}
+        return {"inputs": [io(n, t) for n, t in self.inputs.items()], "outputs": [io(self.outputs[0], self.reference())]}
 
 
 def graph_specs(parts: dict, batch: int | None = 2, seed: int = 0) -> list[GraphSpec]:
@@ -113,6 +122,27 @@ def graph_specs(parts: dict, batch: int | None = 2, seed: int = 0) -> list[Graph
     ]
 
 
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+@contextmanager
+def guarded(fmt: str, graph: str):
+    """Exporter and runtime chatter silenced, and any failure turned into one line naming the graph."""
+    level = logging.root.manager.disable
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        except PocketdiffError:
+            raise
+        except Exception as e:  # converters raise anything; the user needs the graph and the first line
+            raise PocketdiffError(f"{fmt} export of {graph} failed: {first_line(e)}") from None
+        finally:
+            logging.disable(level)
+
+
 @dataclass
 class Parity:
     """Exported vs torch on the same inputs. PSNR is relative to the reference's peak-to-peak range."""
@@ -122,6 +152,8 @@ class Parity:
 
     @classmethod
     def of(cls, got: torch.Tensor, ref: torch.Tensor) -> "Parity":
+        if tuple(got.shape) != tuple(ref.shape):
+            return cls(math.inf, -math.inf)  # a wrong shape never passes (no broadcasting)
         got, ref = got.double(), ref.double()
         mse = float((got - ref).pow(2).mean())
         span = float(ref.max() - ref.min()) or 1.0

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, graph_specs
+from .graphs import Parity, graph_specs, guarded
 
 SUPPORTED_OPSETS = range(18, 24)
 # fp32 exported graphs agree with torch to float rounding; the limits leave room for reordered sums
@@ -48,21 +46,15 @@ def export_onnx(parts: dict, out: Path, opset: int = 18, check: bool = True) -> 
     for spec in graph_specs(parts):
         path = out / f"{spec.name}.onnx"
         batch = torch.export.Dim("batch", min=1, max=1024)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.disable(logging.WARNING)
-            try:
-                program = torch.onnx.export(spec.module, tuple(spec.inputs.values()), dynamo=True,
-                                            opset_version=opset, input_names=list(spec.inputs),
-                                            output_names=spec.outputs, verbose=False,
-                                            dynamic_shapes={k: {0: batch} for k in spec.inputs})
-            finally:
-                logging.disable(logging.NOTSET)
+        with guarded("ONNX", spec.name):
+            program = torch.onnx.export(spec.module, tuple(spec.inputs.values()), dynamo=True, opset_version=opset,
+                                        input_names=list(spec.inputs), output_names=spec.outputs, verbose=False,
+                                        dynamic_shapes={k: {0: batch} for k in spec.inputs})
             n_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
             program.save(str(path), external_data=n_bytes > 1.5 * 2**30)  # protobuf's 2 GB limit
             entry = {"file": path.name, **spec.signature(), "config": spec.config}
             if check:
-                ref = spec.module(*spec.inputs.values())
+                ref = spec.reference()
                 parity = Parity.of(run_session(session(path), spec.inputs), ref)
                 parity.check(spec.name, "ONNX", MAX_ABS * max(1.0, float(ref.abs().max())), MIN_PSNR)
                 entry["parity"] = parity.as_dict()
