@@ -1,0 +1,58 @@
+"""The shipped default model: present, the default, measured, and a real diffusers pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pocketdiff.models.registry import default_model_name, model_card, shipped_models
+
+TEACHER = "shapes-teacher"
+pytestmark = pytest.mark.skipif(TEACHER not in shipped_models(), reason="the trained teacher is not shipped")
+
+
+def test_teacher_is_the_default_and_small():
+    assert default_model_name() == TEACHER
+    folder = shipped_models()[TEACHER]
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 60 * 2**20  # the issue's budget for the shipped folder
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.ckpt"))  # safetensors only
+
+
+def test_teacher_card_holds_its_measured_quality():
+    card = model_card(shipped_models()[TEACHER])
+    assert card["trained"] is True
+    q = card["quality"]
+    assert q["n"] >= 500 and q["steps"] == 50 and q["sampler"] == "ddim"
+    assert 0.0 <= q["all_correct"] <= 1.0 and 0.0 <= q["single_object_all_correct"] <= 1.0
+
+
+def test_teacher_loads_in_diffusers_and_matches_pocketdiff():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pocketdiff.pipeline import load_pipeline
+
+    folder = shipped_models()[TEACHER]
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    assert isinstance(ref.scheduler, DDIMScheduler)
+    prompt = "a small red star at the top left on a blue background"
+    out = ref(prompt, num_inference_steps=10, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+              output_type="latent").images
+    ours = load_pipeline(TEACHER, runner="eager")(prompt, steps=10, sampler="ddim", guidance=4.0, seed=0,
+                                                  output_type="latent").latents
+    assert torch.allclose(ours, out, atol=1e-3)
+
+
+def test_default_generate_draws_the_prompt(tmp_path, capsys):
+    """The README's first command: the analytic checker accepts the image for most seeds."""
+    from PIL import Image
+
+    from pocketdiff.eval.checker import check
+    from pocketdiff.testing import run_cli
+
+    prompt = "a large yellow circle in the center on a black background"
+    code, _, err = run_cli(["generate", prompt, "--num-images", 4, "--no-progress", "-o", tmp_path], capsys)
+    assert code == 0, err
+    ok = [check(np.asarray(Image.open(p)), prompt)["all_correct"] for p in sorted(tmp_path.glob("*.png"))]
+    assert len(ok) == 4 and sum(ok) >= 3, json.dumps(ok)
