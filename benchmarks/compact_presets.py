@@ -30,7 +30,7 @@ from pocketdiff.bench.measure import component_call, count_macs, count_params  #
 from pocketdiff.models import presets  # noqa: E402
 
 PRESETS = ("sd15-unet", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "mobile-sd")
-BLOCK_TABLES = ("sd15-unet", "bk-sdm-tiny")
+BLOCK_TABLES = ("sd15-unet", "bk-sdm-tiny", "mobile-sd")
 
 
 @torch.no_grad()

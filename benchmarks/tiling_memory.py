@@ -2,10 +2,12 @@
 
 The model is SD-v1.5's VAE and text encoder with a compact UNet preset (BK-SDM-Tiny by default),
 random weights, saved once to a temporary folder. Every configuration runs in its own fresh process
-(so one configuration's allocator state cannot lower another's peak): it loads the folder, enables
-the tiling knobs, runs one warm-up generation, resets the kernel's peak-RSS mark, and runs one timed
-generation. Reported: RSS before generating (weights resident), the peak during the generation, and
-the seconds it took, with ratios to the untiled run of the same invocation.
+(so one configuration's allocator state cannot raise or lower another's): it loads the folder, enables
+the tiling knobs, returns freed heap to the OS (``malloc_trim``), resets the kernel's peak-RSS mark and
+runs one timed generation (no warm-up: a warm-up's freed memory stays cached by the allocator). The
+peak is taken separately while denoising (text encoder + UNet steps) and while decoding (the mark is
+reset in between); weights are memory-mapped, so they count once touched. Ratios are to the untiled
+run of the same invocation.
 
     python benchmarks/tiling_memory.py [--unet bk-tiny] [--steps 2] [--json docs/results/tiling_memory.json]
 """
@@ -28,9 +30,9 @@ CONFIGS = {
     # name: Pipeline.enable_tiling keyword arguments
     "untiled": {},
     "attention chunks (1024 queries)": {"attention_chunk": 1024},
-    "VAE tiles (256 px)": {"vae_tile": 256},
+    "VAE tiles (128 px)": {"vae_tile": 128},
     "UNet streamed": {"stream_unet": True},
-    "all three": {"attention_chunk": 1024, "vae_tile": 256, "stream_unet": True},
+    "all three": {"attention_chunk": 1024, "vae_tile": 128, "stream_unet": True},
 }
 
 
@@ -57,18 +59,34 @@ def child(folder: str, options: dict, steps: int, resolution: int) -> dict:
     pipe = Pipeline.from_folder(folder, runner="eager").enable_tiling(**options)
     kw = dict(steps=steps, sampler="ddim", guidance=1.0, seed=0, height=resolution, width=resolution,
               output_type="np")
-    with torch.inference_mode():
-        pipe("a photo of a cat", **kw)  # warm-up
-        import gc
+    import ctypes
+    import gc
 
+    with torch.inference_mode():
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # loading's freed buffers back to the OS
         resident = _status_kb("VmRSS") / 1024
         exact = _reset_peak_rss()
         t0 = time.perf_counter()
-        pipe("a photo of a cat", **kw)
-        seconds = time.perf_counter() - t0
-    return {"resident_mb": resident, "peak_mb": _status_kb("VmHWM") / 1024, "seconds": seconds,
+        latents = pipe("a photo of a cat", **{**kw, "output_type": "latent"}).latents
+        t1 = time.perf_counter()
+        peak_denoise = _status_kb("VmHWM") / 1024
+        _reset_peak_rss()
+        pipe.decode(latents)
+        t2 = time.perf_counter()
+        peak_decode = _status_kb("VmHWM") / 1024
+    return {"resident_mb": resident, "peak_mb": max(peak_denoise, peak_decode), "peak_denoise_mb": peak_denoise,
+            "peak_decode_mb": peak_decode, "seconds": t2 - t0, "denoise_s": t1 - t0, "decode_s": t2 - t1,
             "peak_exact": exact}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| configuration | peak MiB | peak vs untiled | peak while denoising | peak while decoding | seconds | "
+             "decoding s | time vs untiled |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['peak_mb']:.0f} | {r['peak_ratio']:.2f}x | {r['peak_denoise_mb']:.0f} | "
+                     f"{r['peak_decode_mb']:.0f} | {r['seconds']:.2f} | {r['decode_s']:.2f} | {r['time_ratio']:.2f}x |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -96,17 +114,13 @@ def main() -> None:
                                  capture_output=True, text=True, env=env, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"config": name, "options": options, **r})
-            print(f"{name:34s} resident {r['resident_mb']:8.0f} MiB  peak {r['peak_mb']:8.0f} MiB  "
-                  f"{r['seconds']:7.2f} s", flush=True)
+            print(f"{name:34s} peak {r['peak_mb']:6.0f} MiB (denoising {r['peak_denoise_mb']:.0f}, decoding "
+                  f"{r['peak_decode_mb']:.0f})  {r['seconds']:6.2f} s (decoding {r['decode_s']:.2f} s)", flush=True)
     base = rows[0]
     for r in rows:
         r["peak_ratio"] = r["peak_mb"] / base["peak_mb"]
         r["time_ratio"] = r["seconds"] / base["seconds"]
-    print("\n| configuration | resident MiB | peak MiB | peak vs untiled | seconds | time vs untiled |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['resident_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_ratio']:.2f}x | "
-              f"{r['seconds']:.2f} | {r['time_ratio']:.2f}x |")
+    print("\n" + markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"unet": args.unet, "steps": args.steps, "resolution": args.resolution, "guidance": 1.0,
