@@ -26,6 +26,15 @@ def _missing(cmd: str) -> str:
     return f"_Not measured yet: run `{cmd}`._\n"
 
 
+def _section(title: str, intro: str, json_name: str, cmd: str) -> tuple[list[str], dict | None]:
+    """The section's heading and intro, and its results (None, with the command to run, when missing)."""
+    out = [f"## {title}\n", f"{intro} Source: `{cmd.split(' --json')[0]}`.\n"]
+    r = _load(json_name)
+    if not r:
+        out.append(_missing(cmd))
+    return out, r
+
+
 def section_runtime() -> str:
     from runtime_vs_diffusers import markdown
 
@@ -139,33 +148,30 @@ def section_compact() -> str:
 
 
 def section_tiling() -> str:
-    r = _load("tiling_memory.json")
-    out = ["## Model-level tiling: peak memory of a 512 px SD-scale generation\n",
-           "SD-v1.5 VAE and text encoder with a compact UNet, random weights; each configuration in a fresh "
-           "process; peak RSS (kernel VmHWM, reset after a warm-up generation) and seconds of one generation. "
-           "Source: `python benchmarks/tiling_memory.py`.\n"]
-    if not r:
-        return "\n".join(out) + _missing("python benchmarks/tiling_memory.py --json docs/results/tiling_memory.json")
-    m = r["meta"]
-    out.append(f"UNet `{m['unet']}`, {m['steps']} DDIM steps, {m['resolution']} px, no CFG.\n")
     from tiling_memory import markdown
 
-    out.append(markdown(r["rows"]))
-    return "\n".join(out) + "\n"
+    out, r = _section("Model-level tiling: peak memory of a 512 px SD-scale generation",
+                      "SD-v1.5 VAE and text encoder with a compact UNet, random weights; each configuration in a "
+                      "fresh process; peak RSS (kernel VmHWM, reset before denoising and again before decoding) "
+                      "and seconds of one generation.", "tiling_memory.json",
+                      "python benchmarks/tiling_memory.py --json docs/results/tiling_memory.json")
+    if r:
+        m = r["meta"]
+        out.append(f"UNet `{m['unet']}`, {m['steps']} DDIM steps, {m['resolution']} px, no CFG.\n")
+        out.append(markdown(r["rows"]) + "\n")
+    return "\n".join(out)
 
 
 def section_onnx() -> str:
     from onnx_runtime import markdown
 
-    r = _load("onnx_runtime.json")
-    out = ["## Runtimes: torch vs onnxruntime, one UNet step\n",
-           "The UNet exported by `pocketdiff export --format onnx` (parity-checked), and the same file with "
-           "onnxruntime's dynamic int8 on MatMul nodes; calls interleaved, medians, same-run ratios. "
-           "Source: `python benchmarks/onnx_runtime.py`.\n"]
-    if not r:
-        return "\n".join(out) + _missing("python benchmarks/onnx_runtime.py --json docs/results/onnx_runtime.json")
-    out.append(markdown(r["results"]))
-    return "\n".join(out) + "\n"
+    out, r = _section("Runtimes: torch vs onnxruntime, one UNet step",
+                      "The UNet exported by `pocketdiff export --format onnx` (parity-checked), and the same file "
+                      "with onnxruntime's dynamic int8 on MatMul nodes; calls interleaved, medians, same-run ratios.",
+                      "onnx_runtime.json", "python benchmarks/onnx_runtime.py --json docs/results/onnx_runtime.json")
+    if r:
+        out.append(markdown(r["results"]) + "\n")
+    return "\n".join(out)
 
 
 def main() -> int:
