@@ -6,8 +6,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pocketdiff.models import presets
-from pocketdiff.models.compact import (BK_VARIANTS, COMPACT_PRESETS, bk_sdm_config, init_student_from_teacher,
-                                       inheritance_map, mobile_config, resolve)
+from pocketdiff.models.compact import (BK_INHERITANCE, BK_VARIANTS, COMPACT_PRESETS, bk_sdm_config,
+                                       drop_highest_res_attention, init_student_from_teacher, inheritance_map,
+                                       mobile_config, resolve)
 from pocketdiff.models.presets import SD15_UNET
 from pocketdiff.train.teacher import SHAPES_UNET
 
@@ -124,7 +125,8 @@ def test_inheritance_map_is_data_and_resolves_at_sd_scale(variant):
 
 
 def test_presets_registered():
-    assert set(COMPACT_PRESETS) == {"bk-base", "bk-small", "bk-tiny", "mobile"}
+    assert set(COMPACT_PRESETS) == {"bk-base", "bk-small", "bk-tiny", "bk-tiny-lite", "mobile"}
+    assert set(BK_INHERITANCE) <= set(COMPACT_PRESETS) and set(BK_INHERITANCE.values()) <= set(BK_VARIANTS)
     for name in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "mobile-sd"):
         assert presets.ARCH_PRESETS[name][0] == "unet"
     with accelerate.init_empty_weights():
@@ -138,3 +140,18 @@ def test_unmatched_tensors_are_skipped_with_a_reason(shapes_teacher):
     report = init_student_from_teacher(student, shapes_teacher, "small")
     assert report["skipped"] and all(k.startswith("mid_block.") for k in report["skipped"])
     assert set(report["skipped"].values()) == {"no mapped source"}
+
+
+def test_tiny_lite_is_tiny_less_its_highest_resolution_attention_and_inherits_everything_left():
+    tiny, lite = meta_unet(bk_sdm_config(SD15_UNET, "tiny")), meta_unet(COMPACT_PRESETS["bk-tiny-lite"](SD15_UNET))
+    assert lite.down_blocks[0].__class__.__name__ == "DownBlock2D" and lite.up_blocks[-1].__class__.__name__ == "UpBlock2D"
+    removed = sum(p.numel() for blk in (tiny.down_blocks[0], tiny.up_blocks[-1]) for p in blk.attentions.parameters())
+    assert removed > 0 and n_params(lite) == n_params(tiny) - removed
+    report = init_student_from_teacher(lite, meta_unet(SD15_UNET), BK_INHERITANCE["bk-tiny-lite"])
+    assert report["skipped"] == {} and set(report["copied"]) == set(lite.state_dict())
+
+
+def test_drop_highest_res_attention_refuses_a_stage_without_attention():
+    cfg = drop_highest_res_attention(dict(SD15_UNET))
+    with pytest.raises(ValueError, match="no attention"):
+        drop_highest_res_attention(cfg)

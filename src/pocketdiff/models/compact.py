@@ -11,6 +11,9 @@ BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stab
   up blocks have ``layers_per_block + 1`` layers), mid block kept. SD-v1.5: 579,384,964 parameters.
 * Small: Base without the mid block (``mid_block_type=None``). SD-v1.5: 482,346,884.
 * Tiny: Small without the innermost stage (last down block, first up block). SD-v1.5: 323,384,964.
+* Tiny-lite (pocketdiff's): Tiny without attention at the highest resolution, the removal SnapFusion's
+  architecture evolution found cheapest in quality per latency and MobileDiffusion designs in. It inherits
+  from the teacher exactly as Tiny does; on this CPU it is what brings a student under 0.4x the teacher's step.
 
 Inheritance (BK-SDM's initialisation): each student down stage takes the first layer of the teacher's
 stage; each student up stage takes the teacher's up layers 0 and L (0 and 2 for SD's L=2 layers per block;
@@ -163,6 +166,19 @@ def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module
     return report
 
 
+def drop_highest_res_attention(config: dict) -> dict:
+    """``config`` with the transformer blocks of the highest-resolution stage removed (its first down block
+    and last up block become plain ``DownBlock2D``/``UpBlock2D``); ResNets and resamplers are unchanged, so
+    weight inheritance by name still applies to everything that is left."""
+    out = dict(config)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    if not (_has_attention(down[0]) or _has_attention(up[-1])):
+        raise ValueError("the highest-resolution stage has no attention to remove")
+    down[0], up[-1] = "DownBlock2D", "UpBlock2D"
+    out["down_block_types"], out["up_block_types"] = tuple(down), tuple(up)
+    return out
+
+
 # ---- MobileDiffusion-style --------------------------------------------------------------------------
 def mobile_config(teacher_config: dict, width_mult: float = 0.75, deep_transformer_layers: int = 2) -> dict:
     """A MobileDiffusion-style UNet (Zhao et al. 2023, "MobileDiffusion: Subsecond Text-to-Image Generation on
@@ -215,5 +231,8 @@ COMPACT_PRESETS: dict[str, Callable[[dict], dict]] = {
     "bk-base": lambda teacher: bk_sdm_config(teacher, "base"),
     "bk-small": lambda teacher: bk_sdm_config(teacher, "small"),
     "bk-tiny": lambda teacher: bk_sdm_config(teacher, "tiny"),
+    "bk-tiny-lite": lambda teacher: drop_highest_res_attention(bk_sdm_config(teacher, "tiny")),
     "mobile": lambda teacher: mobile_config(teacher),
 }
+# preset -> the BK-SDM inheritance map its student is seeded with (presets not listed start from scratch).
+BK_INHERITANCE: dict[str, str] = {"bk-base": "base", "bk-small": "small", "bk-tiny": "tiny", "bk-tiny-lite": "tiny"}

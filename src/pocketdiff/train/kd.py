@@ -145,7 +145,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     from diffusers import UNet2DConditionModel
 
     from ..folder import load_components, save_components
-    from ..models.compact import COMPACT_PRESETS, init_student_from_teacher
+    from ..models.compact import BK_INHERITANCE, COMPACT_PRESETS, init_student_from_teacher
     from .teacher import TeacherRecipe, cached_pool, latent_batches, monitor_fn
     from .trainer import Trainer
 
@@ -160,8 +160,8 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     torch.manual_seed(cfg.seed)
     config = COMPACT_PRESETS[recipe.student](dict(teacher.config))
     student = UNet2DConditionModel(**config)
-    if recipe.inherit and recipe.student.startswith("bk-"):
-        init_student_from_teacher(student, teacher, recipe.student.removeprefix("bk-"))
+    if recipe.inherit and recipe.student in BK_INHERITANCE:
+        init_student_from_teacher(student, teacher, BK_INHERITANCE[recipe.student])
     latents, captions = cached_pool(out, vae, Path(teacher_dir).resolve(), recipe.pool_size, cfg.seed)
     model = kd_model(student, teacher)
     loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)
