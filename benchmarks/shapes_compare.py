@@ -62,13 +62,20 @@ def unet_costs(pipes: dict, runs: int) -> dict:
     return out
 
 
+def disk_mb(folder: Path) -> dict:
+    """Safetensors bytes on disk (MiB): the UNet's and the whole folder's (a quantized UNet counts as stored)."""
+    size = lambda root: sum(f.stat().st_size for f in Path(root).rglob("*.safetensors")) / 2**20  # noqa: E731
+    return {"unet_mb": size(Path(folder) / "unet"), "model_mb": size(folder)}
+
+
 def markdown(rows: list[dict]) -> str:
     from pocketdiff.eval.quality import MARKDOWN_HEADER
 
-    cost = ["| run | UNet params M | UNet GMACs/step | UNet ms/step | UNet step vs first | s/image vs first |",
-            "|---|---|---|---|---|---|"]
+    cost = ["| run | UNet params M | UNet MB on disk | model MB on disk | UNet GMACs/step | UNet ms/step | "
+            "UNet step vs first | s/image vs first |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cost.append(f"| {r['label']} | {r['params'] / 1e6:.2f} | {r['gmacs']:.3f} | {r['unet_ms']:.2f} | "
+        cost.append(f"| {r['label']} | {r['params'] / 1e6:.2f} | {r['unet_mb']:.2f} | {r['model_mb']:.2f} | "
+                    f"{r['gmacs']:.3f} | {r['unet_ms']:.2f} | "
                     f"{r['unet_ratio']:.2f}x | {r['time_ratio']:.3f}x |")
     quality = [MARKDOWN_HEADER] + [markdown_row(r["label"], r["quality"]) for r in rows]
     return "\n".join(cost) + "\n\n" + "\n".join(quality)
@@ -94,7 +101,7 @@ def main() -> None:
     for label, (pipe, run) in pipes.items():
         q = evaluate(pipe, n=args.n, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"],
                      seed=args.seed, clip=clip)
-        rows.append({**run, **costs[label], "quality": q})
+        rows.append({**run, **costs[label], **disk_mb(pipe.source), "quality": q})
         print(markdown_row(label, q), file=sys.stderr, flush=True)
     for r in rows:
         r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]
