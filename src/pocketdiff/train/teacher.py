@@ -57,7 +57,11 @@ class TeacherRecipe:
     scheduler: dict = field(default_factory=lambda: dict(SHAPES_SCHEDULER))
     pool_size: int = 60_000  # rendered scenes whose latents are computed once
     caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0  # 0: plain MSE
+    # 0: plain v-MSE. Min-SNR-5 (Hang et al. 2023) weighs a v-prediction loss by min(snr, 5) / (snr + 1), i.e.
+    # ~snr at high noise: ~0.005 at t=999, where the layout (which object goes where) is decided. Measured on
+    # the Shapes teacher: with it, objects at the right place stalled at 32-37% for 1,400 steps; 410 steps
+    # after switching to plain v-MSE they were at 50% (colour 22% -> 39%).
+    min_snr_gamma: float = 0.0
     monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
     monitor_steps: int = 20
     monitor_guidance: float = 4.0
