@@ -5,7 +5,8 @@ transformer blocks at every stage but the last, a mid block), so BK-SDM's block 
 compact designs have real blocks to remove. The text encoder is a transformers ``CLIPTextModel`` over a
 CLIP-format tokenizer of the Shapes vocabulary, trained jointly with the UNet by the diffusion loss.
 
-Recipe: v-prediction (Salimans & Ho 2022) with min-SNR-5 loss weighting (Hang et al. 2023), 10%
+Recipe: v-prediction (Salimans & Ho 2022) with a plain v-MSE loss (min-SNR weighting, Hang et al. 2023, is an
+option, off by default: see ``TeacherRecipe.min_snr_gamma``), 10%
 caption dropout for classifier-free guidance, EMA, SD's scaled-linear 1000-step schedule. The VAE's
 latents of a pool of fresh renders are computed once (encoding on the fly would halve throughput).
 """
@@ -147,8 +148,8 @@ def noised(schedule: NoiseSchedule, x0: torch.Tensor, seed: int):
     return t.to(x0.device), eps, a, s, a * x0 + s * eps
 
 
-def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 5.0):
-    """The denoising loss of the schedule's prediction type, min-SNR weighted (teacher recipe)."""
+def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0):
+    """The denoising loss of the schedule's prediction type, min-SNR weighted when ``min_snr_gamma > 0``."""
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, 16, 16)
