@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pocketdiff.errors import ModelFolderError
-from pocketdiff.folder import load_components, save_components
+from pocketdiff.folder import load_components, save_components, store_half
 from pocketdiff.models.tiny import tiny_components
 
 PROMPTS = ["a small red star at the top left", "a large blue circle on a white background", ""]
@@ -187,3 +187,28 @@ def test_failed_save_leaves_old_folder_and_no_temp(folder_copy, reference, monke
         assert _snapshot(folder_copy) == before
     else:
         assert left == []
+
+
+# ---- half-precision storage ---------------------------------------------------------------------------
+def test_store_half_halves_the_unet_file_and_loads_back_as_float32(folder_copy, reference):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    sizes = store_half(folder_copy)
+    before, after = sizes["unet"]
+    assert after < 0.55 * before
+    with safe_open(str(folder_copy / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    ours = load_components(folder_copy)["unet"]
+    theirs = UNet2DConditionModel.from_pretrained(str(folder_copy / "unet"), local_files_only=True)
+    for unet in (ours, theirs):
+        assert {p.dtype for p in unet.parameters()} == {torch.float32}
+        for name, p in unet.state_dict().items():  # exactly the fp16 rounding of the saved weights
+            assert torch.equal(p, reference["unet"].state_dict()[name].half().float())
+    assert torch.allclose(_unet_output(ours), _unet_output(reference["unet"]), atol=1e-2)
+
+
+def test_store_half_refuses_a_component_without_one_weights_file(folder_copy):
+    (folder_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="expected one .safetensors"):
+        store_half(folder_copy)

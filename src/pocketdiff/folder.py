@@ -118,7 +118,9 @@ def _check_and_load(module: torch.nn.Module, state: dict, sub: Path, stem: str) 
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise ModelFolderError(f"{sub / stem}.safetensors does not match {sub / 'config.json'}: {'; '.join(parts)}; "
                                "use the config the weights were saved with")
-    module.load_state_dict({k: v for k, v in state.items()}, strict=False, assign=True)
+    # float tensors take the module's dtype (fp32 here), as diffusers does for a half-precision file
+    module.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v
+                            for k, v in state.items()}, strict=False, assign=True)
 
 
 def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.nn.Module:
@@ -251,3 +253,31 @@ def save_components(dest: str | os.PathLike, unet, vae, text_encoder, tokenizer,
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(dest)
+
+
+def store_half(folder: str | os.PathLike, components: tuple[str, ...] = ("unet",)) -> dict[str, tuple[int, int]]:
+    """Rewrite the float32 tensors of ``folder/<component>``'s safetensors file as float16, in place and atomically.
+
+    Half the bytes on disk for shipping; loaders (pocketdiff's and diffusers' ``from_pretrained``) cast them
+    back to the model's float32 on load, so only fp16 rounding of the weights (~5e-4 relative) changes.
+    Returns ``{component: (bytes before, bytes after)}``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+    for comp in components:
+        files = sorted((Path(folder) / comp).glob("*.safetensors"))
+        if len(files) != 1:
+            raise ModelFolderError(f"{Path(folder) / comp}: expected one .safetensors file, found {len(files)}")
+        path = files[0]
+        state = load_file(str(path))
+        bad = [k for k, v in state.items() if v.is_floating_point() and v.abs().max() > torch.finfo(torch.float16).max]
+        if bad:
+            raise ModelFolderError(f"{path}: {bad[0]} does not fit in float16; keep this component in float32")
+        half = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
+        before = path.stat().st_size
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(half, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        out[comp] = (before, path.stat().st_size)
+    return out
