@@ -5,7 +5,7 @@ random weights, 512 px). Each UNet is exported with pocketdiff's ONNX exporter (
 quantized with onnxruntime's dynamic int8 on MatMul nodes (int8 on convolutions too is measured
 here as much slower on this CPU), then the three runtimes are called in turn on the same inputs.
 
-    python benchmarks/onnx_runtime.py [--runs 10] [--sd-runs 3] [--json docs/results/onnx_runtime.json]
+    python benchmarks/onnx_runtime.py [--model NAME ...] [--runs 10] [--sd-runs 3] [--json docs/results/onnx_runtime.json]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="model folder or shipped model name")
+    ap.add_argument("--model", nargs="+", default=["default"], help="model folders or shipped model names")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--sd-runs", type=int, default=3, help="runs for the SD-scale UNet (0: skip it)")
     ap.add_argument("--json", type=Path)
@@ -106,11 +106,12 @@ def main() -> None:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = resolve_model(args.model)
-        pipe = Pipeline.from_folder(folder, runner="eager")
-        cfg = not getattr(pipe.unet.config, "time_cond_proj_dim", None)
-        results.append(compare(folder.name, pipe.unet, pipe.default_size, pipe.vae_scale_factor,
-                               pipe.tokenizer.model_max_length, cfg, args.runs, Path(tmp)))
+        for model in args.model:
+            folder = resolve_model(model)
+            pipe = Pipeline.from_folder(folder, runner="eager")
+            cfg = not getattr(pipe.unet.config, "time_cond_proj_dim", None)
+            results.append(compare(folder.name, pipe.unet, pipe.default_size, pipe.vae_scale_factor,
+                                   pipe.tokenizer.model_max_length, cfg, args.runs, Path(tmp)))
         if args.sd_runs:
             torch.manual_seed(0)
             results.append(compare("bk-sdm-tiny (SD scale, 512 px)", presets.compact_unet("bk-tiny"), 512, 8, 77,
