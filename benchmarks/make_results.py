@@ -85,6 +85,14 @@ def section_teacher() -> str:
     out.append("### Quality at the best guidance scale\n")
     out.append(MARKDOWN_HEADER)
     out.append(markdown_row(r["name"], r["best"]))
+    best = r["best"]
+    out.append(f"\nBy object count and by colour-shape pair (best guidance, {best['n']} prompts). Bar (issue 3): "
+               "single-object >= 85%, all scenes >= 60%.\n")
+    out.append("| scenes | n | all-correct % |\n|---|---|---|")
+    for k, v in sorted(best["by_count"].items(), key=lambda kv: int(kv[0])):
+        out.append(f"| {k} object{'s' if int(k) > 1 else ''} | {v.get('n', '')} | {100 * v['all_correct']:.1f} |")
+    for k, v in best["by_split"].items():
+        out.append(f"| {k} pairs | {v.get('n', '')} | {100 * v['all_correct']:.1f} |")
     out.append("\n### Guidance-scale sweep\n")
     out.append(MARKDOWN_HEADER)
     for s in r["sweep"]:

@@ -56,7 +56,7 @@ def evaluate(pipe, *, n: int = 500, steps: int = 25, sampler: str = "dpmpp_2m", 
 
 
 def markdown_row(name: str, r: dict) -> str:
-    bc = r["by_count"]
+    bc = {int(k): v for k, v in r["by_count"].items()}  # JSON round trips make the counts strings
     return (f"| {name} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {100 * r['all_correct']:.1f} | "
             f"{100 * bc[1]['all_correct']:.1f} | {100 * r['by_split']['seen']['all_correct']:.1f} | "
             f"{100 * r['by_split']['heldout']['all_correct']:.1f} | {100 * r['colour']:.1f} | {100 * r['shape']:.1f} | "
