@@ -81,6 +81,32 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(cost) + "\n\n" + "\n".join(quality)
 
 
+def write_card(folder: Path, rows: list[dict], label: str, command: str) -> None:
+    """Store run ``label``'s measurements in its model folder: pocketdiff.json (quality, cost vs the first run,
+    which is the reference) and README.md (every run of that folder in this comparison)."""
+    from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
+
+    row = next(r for r in rows if r["label"] == label)
+    q = row["quality"]
+    card_file = folder / "pocketdiff.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    card.setdefault("defaults", {}).update({"steps": q["steps"], "sampler": q["sampler"], "guidance": q["guidance"]})
+    card["quality"] = {k: q[k] for k in ("n", "steps", "sampler", "guidance", "all_correct", "seconds_per_image",
+                                         "clip_score", "fd")}
+    card["quality"]["single_object_all_correct"] = {int(k): v for k, v in q["by_count"].items()}[1]["all_correct"]
+    card["quality"]["heldout_all_correct"] = q["by_split"]["heldout"]["all_correct"]
+    card["model"] = {"unet_params": row["params"], "unet_gmacs": row["gmacs"], "unet_ms": row["unet_ms"],
+                     "unet_mb": row["unet_mb"], "size_mb": row["model_mb"], "reference": rows[0]["label"],
+                     "unet_step_vs_teacher": row["unet_ratio"], "seconds_per_image_vs_teacher": row["time_ratio"]}
+    card_file.write_text(json.dumps(card, indent=2, default=float))
+    same = [r for r in rows if Path(r["folder"]) == Path(row["folder"])]
+    table = "\n".join(markdown_row(r["label"], r["quality"]) for r in [rows[0]] + same)
+    (folder / "README.md").write_text(
+        f"# {folder.name}\n\n{card.get('description', '')}\n\nMeasured by `{command}` on fresh prompts "
+        f"(first row: the reference, {rows[0]['label']}; its UNet step is {row['unet_ratio']:.2f}x the "
+        f"reference's):\n\n{MARKDOWN_HEADER}\n{table}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True, help="results file: docs/results/shapes_<name>.json")
@@ -89,7 +115,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cost-runs", type=int, default=30)
     ap.add_argument("--clip", default=None, help="domain-CLIP folder (default: the shipped shapes-clip, if any)")
+    ap.add_argument("--card", action="append", default=[], metavar="LABEL",
+                    help="write this run's measurements into its model folder's card (pocketdiff.json, README.md)")
     args = ap.parse_args()
+    unknown = set(args.card) - {r["label"] for r in args.run}
+    if unknown:
+        raise SystemExit(f"--card {', '.join(sorted(unknown))}: no --run has that label")
     from pocketdiff.eval.clip import load_domain_clip
     from pocketdiff.models.registry import resolve_model
     from pocketdiff.pipeline import Pipeline
@@ -101,7 +132,7 @@ def main() -> None:
     for label, (pipe, run) in pipes.items():
         q = evaluate(pipe, n=args.n, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"],
                      seed=args.seed, clip=clip)
-        rows.append({**run, **costs[label], **disk_mb(pipe.source), "quality": q})
+        rows.append({**run, "folder": str(pipe.source), **costs[label], **disk_mb(pipe.source), "quality": q})
         print(markdown_row(label, q), file=sys.stderr, flush=True)
     for r in rows:
         r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]
@@ -114,6 +145,8 @@ def main() -> None:
                                          "command": command},
                                 "rows": rows}, indent=2, default=float))
     print(f"wrote {path}")
+    for label in args.card:
+        write_card(Path(next(r["folder"] for r in rows if r["label"] == label)), rows, label, command)
 
 
 if __name__ == "__main__":

@@ -28,20 +28,40 @@ def test_teacher_card_holds_its_measured_quality():
     assert 0.0 <= q["all_correct"] <= 1.0 and 0.0 <= q["single_object_all_correct"] <= 1.0
 
 
-def test_teacher_loads_in_diffusers_and_matches_pocketdiff():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+# Every shipped trained model (the teacher and its compressed stages) and the sampler its scheduler maps to.
+SAMPLER_OF = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
+TRAINED = [n for n in ("shapes-teacher", "shapes-tiny-lite", "shapes-lcm") if n in shipped_models()]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_shipped_model_loads_in_diffusers_and_matches_pocketdiff(name):
+    from diffusers import StableDiffusionPipeline
 
     from pocketdiff.pipeline import load_pipeline
 
-    folder = shipped_models()[TEACHER]
+    folder = shipped_models()[name]
     ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    assert isinstance(ref.scheduler, DDIMScheduler)
+    ref.set_progress_bar_config(disable=True)
+    sampler = SAMPLER_OF[type(ref.scheduler).__name__]
+    steps = 4 if sampler == "lcm" else 10
     prompt = "a small red star at the top left on a blue background"
-    out = ref(prompt, num_inference_steps=10, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+    out = ref(prompt, num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
               output_type="latent").images
-    ours = load_pipeline(TEACHER, runner="eager")(prompt, steps=10, sampler="ddim", guidance=4.0, seed=0,
-                                                  output_type="latent").latents
+    ours = load_pipeline(name, runner="eager")(prompt, steps=steps, sampler=sampler, guidance=3.0, seed=0,
+                                               output_type="latent").latents
     assert torch.allclose(ours, out, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINED if n != TEACHER])
+def test_compressed_stage_cards_hold_their_measurements(name):
+    folder = shipped_models()[name]
+    card = model_card(folder)
+    assert card["trained"] is True and card["teacher"] == TEACHER
+    q = card["quality"]
+    assert q["n"] >= 500 and 0.0 <= q["all_correct"] <= 1.0
+    assert card["model"]["unet_step_vs_teacher"] < 1.0  # a compressed stage is cheaper than its teacher
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 30 * 2**20 and not list(folder.rglob("*.bin"))
 
 
 def test_default_generate_draws_the_prompt(tmp_path, capsys):

@@ -162,7 +162,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     student = UNet2DConditionModel(**config)
     if recipe.inherit and recipe.student in BK_INHERITANCE:
         init_student_from_teacher(student, teacher, BK_INHERITANCE[recipe.student])
-    latents, captions = cached_pool(out, vae, Path(teacher_dir).resolve(), recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     model = kd_model(student, teacher)
     loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)
     monitor_recipe = TeacherRecipe(scheduler=sched_cfg)

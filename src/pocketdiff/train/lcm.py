@@ -299,7 +299,7 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     target_decay = 0.0 if lora else recipe.target_decay
     model = lcm_model(student, target_decay)
 
-    latents, captions = cached_pool(out, vae, Path(teacher_dir).resolve(), recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     with torch.no_grad():
         uncond = text_encoder(empty.input_ids)[0]  # (1, L, D)

@@ -13,6 +13,7 @@ latents of a pool of fresh renders are computed once (encoding on the fly would 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,15 +93,26 @@ def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") 
     return torch.cat(lat), caps
 
 
-def cached_pool(out: Path, vae, vae_id: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE, size and seed.
+def weights_digest(module: torch.nn.Module) -> str:
+    """A SHA-256 of a module's state (names, dtypes, values): the same weights give the same digest,
+    wherever the folder they were loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size and seed
+    (so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*`` across).
 
     With several processes the main one encodes and writes first; the others then read its file.
     """
     from accelerate import PartialState
     from safetensors.torch import load_file, save_file
 
-    key = {"vae": str(vae_id), "n": n, "seed": seed}
+    key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
     pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
     with PartialState().main_process_first():
         if pool_file.is_file() and meta_file.is_file():
@@ -208,7 +220,7 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
     tokenizer = shapes_tokenizer()
-    latents, captions = cached_pool(out, vae, Path(vae_dir).resolve(), recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
                                  "text_encoder": build_text_encoder(recipe, tokenizer)})
