@@ -102,16 +102,20 @@ def section_teacher() -> str:
 
 COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
     "kd": ("Compact students by knowledge distillation (issue 4)",
-           "BK-SDM-style and MobileDiffusion-style students of the Shapes teacher trained by `pocketdiff train kd` "
-           "(task + output KD + feature KD), vs the teacher, same sampler and steps. Target: all-correct within 5 "
-           "points of the teacher with the student's UNet step at most 0.4x the teacher's."),
+           "Compact students of the Shapes teacher trained by `pocketdiff train kd` (task + output KD + feature KD, "
+           "BK-SDM's 1/1/1, weights inherited from the teacher), vs the teacher, same sampler and steps. "
+           "`bk-tiny-lite` is BK-SDM-Tiny less the attention of its highest-resolution stage (the cut SnapFusion's "
+           "search and MobileDiffusion's design both make); plain BK-Tiny and the width-0.75 `mobile` preset measured "
+           "0.53x and 0.72x of the teacher's UNet step here, over the 0.4x target, so they were not trained. Target: "
+           "all-correct within 5 points of the teacher with the student's UNet step at most 0.4x the teacher's."),
     "lcm": ("Latent consistency distillation (issue 5)",
             "LCM students (`pocketdiff train lcm`) at 1, 2, 4 and 8 steps vs the teacher's 50-step CFG generation. "
             "Targets: at 2 steps, all-correct within 3 points of the teacher's 50-step CFG result and seconds per "
             "image at least 40x lower."),
     "lcm-ablation": ("LCM: distilling from the large teacher vs from the compact model itself (issue 5)",
                      "EdgeFusion's ablation: the same KD student and LCM recipe, with the Shapes teacher or the "
-                     "compact student itself as the frozen ODE-solver teacher."),
+                     "compact student itself as the frozen ODE-solver teacher (each run had the same 28-minute cap; "
+                     "`training steps` is how far each got)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "

@@ -71,10 +71,11 @@ def disk_mb(folder: Path) -> dict:
 def markdown(rows: list[dict]) -> str:
     from pocketdiff.eval.quality import MARKDOWN_HEADER
 
-    cost = ["| run | UNet params M | UNet MB on disk | model MB on disk | UNet GMACs/step | UNet ms/step | "
-            "UNet step vs first | s/image vs first |", "|---|---|---|---|---|---|---|---|"]
+    cost = ["| run | training steps | UNet params M | UNet MB on disk | model MB on disk | UNet GMACs/step | "
+            "UNet ms/step | UNet step vs first | s/image vs first |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cost.append(f"| {r['label']} | {r['params'] / 1e6:.2f} | {r['unet_mb']:.2f} | {r['model_mb']:.2f} | "
+        cost.append(f"| {r['label']} | {r.get('steps_trained') or ''} | {r['params'] / 1e6:.2f} | {r['unet_mb']:.2f} | "
+                    f"{r['model_mb']:.2f} | "
                     f"{r['gmacs']:.3f} | {r['unet_ms']:.2f} | "
                     f"{r['unet_ratio']:.2f}x | {r['time_ratio']:.3f}x |")
     quality = [MARKDOWN_HEADER] + [markdown_row(r["label"], r["quality"]) for r in rows]
@@ -122,7 +123,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--card {', '.join(sorted(unknown))}: no --run has that label")
     from pocketdiff.eval.clip import load_domain_clip
-    from pocketdiff.models.registry import resolve_model
+    from pocketdiff.models.registry import model_card, resolve_model
     from pocketdiff.pipeline import Pipeline
 
     clip = load_domain_clip(args.clip)
@@ -132,7 +133,8 @@ def main() -> None:
     for label, (pipe, run) in pipes.items():
         q = evaluate(pipe, n=args.n, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"],
                      seed=args.seed, clip=clip)
-        rows.append({**run, "folder": str(pipe.source), **costs[label], **disk_mb(pipe.source), "quality": q})
+        rows.append({**run, "folder": str(pipe.source), "steps_trained": model_card(pipe.source).get("steps_trained"),
+                     **costs[label], **disk_mb(pipe.source), "quality": q})
         print(markdown_row(label, q), file=sys.stderr, flush=True)
     for r in rows:
         r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]

@@ -76,3 +76,18 @@ def test_default_generate_draws_the_prompt(tmp_path, capsys):
     assert code == 0, err
     ok = [check(np.asarray(Image.open(p)), prompt)["all_correct"] for p in sorted(tmp_path.glob("*.png"))]
     assert len(ok) == 4 and sum(ok) >= 3, json.dumps(ok)
+
+
+@pytest.mark.skipif("shapes-lcm" not in shipped_models(), reason="the LCM student is not shipped")
+def test_lcm_model_generates_with_its_card_defaults(tmp_path, capsys):
+    """README's fast command: the card's 2-step LCM defaults apply without any flag."""
+    from PIL import Image
+
+    from pocketdiff.testing import run_cli
+
+    card = model_card(shipped_models()["shapes-lcm"])["defaults"]
+    code, _, err = run_cli(["generate", "a large blue heart in the center on a white background", "--model",
+                            "shapes-lcm", "--no-progress", "-o", tmp_path / "heart.png"], capsys)
+    assert code == 0, err
+    meta = Image.open(tmp_path / "heart.png").text
+    assert meta["sampler"] == card["sampler"] == "lcm" and meta["steps"] == str(card["steps"]) == "2"
