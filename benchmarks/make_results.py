@@ -200,8 +200,9 @@ def section_plot() -> str:
     """The quality-vs-latency plot over every Shapes comparison, redrawn here (needs matplotlib: the bench extra)."""
     import plot_quality_latency as plq
 
-    out = ["## Quality vs latency (issue 5)\n", "Every run of every Shapes comparison above: all-correct against "
-           "seconds per image on this CPU (log scale). Source: `python benchmarks/plot_quality_latency.py` "
+    out = ["## Quality vs latency (issue 5)\n", "The runs of the KD and LCM comparisons above (teacher at 50, 25 and 8 "
+           "steps, the KD student, the LCM student at 1-8 steps): all-correct against seconds per image on this CPU "
+           "(log scale). Source: `python benchmarks/plot_quality_latency.py` "
            "(also run by this script).\n"]
     rows = plq.points()
     if not rows:

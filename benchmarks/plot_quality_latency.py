@@ -1,7 +1,8 @@
 """Quality vs latency across the measured Shapes models: docs/quality_vs_latency.png.
 
-Reads every ``docs/results/shapes_<name>.json`` written by ``shapes_compare.py`` (and the teacher's
-``shapes_teacher.json`` guidance sweep is left out: it varies guidance, not cost). One point per run:
+Reads the ``docs/results/shapes_<name>.json`` that ``shapes_compare.py`` wrote for the compression path
+(``PLOTTED``: the teacher at several step counts, the KD student, the LCM student; the quantization and
+ablation comparisons repeat those models and are left out). One point per run:
 seconds per image (log scale, x) against all-correct (y), labelled by run. Needs matplotlib
 (``pip install '.[bench]'``).
 
@@ -17,14 +18,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-SKIP = {"shapes_vae.json", "shapes_teacher.json"}
+PLOTTED = ("kd", "lcm")  # comparisons drawn, in this order
 
 
 def points() -> list[dict]:
     """(label, seconds per image, all-correct) for every run of every comparison, deduplicated by label."""
     seen: dict[str, dict] = {}
-    for path in sorted(RESULTS.glob("shapes_*.json")):
-        if path.name in SKIP:
+    for path in (RESULTS / f"shapes_{name}.json" for name in PLOTTED):
+        if not path.is_file():
             continue
         for r in json.loads(path.read_text())["rows"]:
             q = r["quality"]
