@@ -85,22 +85,19 @@ def markdown(rows: list[dict]) -> str:
 def write_card(folder: Path, rows: list[dict], label: str, command: str) -> None:
     """Store run ``label``'s measurements in its model folder: pocketdiff.json (quality, cost vs the first run,
     which is the reference) and README.md (every run of that folder in this comparison)."""
-    from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
+    from pocketdiff.eval.quality import MARKDOWN_HEADER, card_quality, markdown_row
 
     row = next(r for r in rows if r["label"] == label)
     q = row["quality"]
     card_file = folder / "pocketdiff.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     card.setdefault("defaults", {}).update({"steps": q["steps"], "sampler": q["sampler"], "guidance": q["guidance"]})
-    card["quality"] = {k: q[k] for k in ("n", "steps", "sampler", "guidance", "all_correct", "seconds_per_image",
-                                         "clip_score", "fd")}
-    card["quality"]["single_object_all_correct"] = {int(k): v for k, v in q["by_count"].items()}[1]["all_correct"]
-    card["quality"]["heldout_all_correct"] = q["by_split"]["heldout"]["all_correct"]
+    card["quality"] = card_quality(q)
     card["model"] = {"unet_params": row["params"], "unet_gmacs": row["gmacs"], "unet_ms": row["unet_ms"],
                      "unet_mb": row["unet_mb"], "size_mb": row["model_mb"], "reference": rows[0]["label"],
                      "unet_step_vs_teacher": row["unet_ratio"], "seconds_per_image_vs_teacher": row["time_ratio"]}
     card_file.write_text(json.dumps(card, indent=2, default=float))
-    same = [r for r in rows if Path(r["folder"]) == Path(row["folder"])]
+    same = [r for r in rows[1:] if Path(r["folder"]) == Path(row["folder"])]  # rows[0], the reference, comes first
     table = "\n".join(markdown_row(r["label"], r["quality"]) for r in [rows[0]] + same)
     (folder / "README.md").write_text(
         f"# {folder.name}\n\n{card.get('description', '')}\n\nMeasured by `{command}` on fresh prompts "

@@ -66,15 +66,13 @@ def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], st
 
 def write_card(folder: Path, r: dict) -> None:
     """Store the measured table in the model folder: pocketdiff.json (defaults, quality) and README.md."""
-    from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
+    from pocketdiff.eval.quality import MARKDOWN_HEADER, card_quality, markdown_row
 
     card_file = folder / "pocketdiff.json"
     card = json.loads(card_file.read_text()) if card_file.is_file() else {}
     best = r["best"]
     card.setdefault("defaults", {}).update({"guidance": best["guidance"]})
-    card["quality"] = {k: best[k] for k in ("n", "steps", "sampler", "guidance", "all_correct", "seconds_per_image")}
-    card["quality"]["single_object_all_correct"] = best["by_count"][1]["all_correct"]
-    card["quality"]["heldout_all_correct"] = best["by_split"]["heldout"]["all_correct"]
+    card["quality"] = card_quality(best)
     card["model"] = r["model"]
     card_file.write_text(json.dumps(card, indent=2, default=float))
     rows = "\n".join(markdown_row(folder.name, x) for x in [best] + r["sweep"])

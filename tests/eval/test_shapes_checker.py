@@ -135,3 +135,16 @@ def test_aggregate_groups_by_count_and_split():
     assert summary["objects_by_split"]["seen"]["shape"] == 0.75
     # Results record the grouping themselves (compared as JSON because NaN != NaN).
     assert json.dumps(aggregate(results)) == json.dumps(summary)
+
+
+def test_card_quality_survives_a_json_round_trip():
+    import json
+
+    from pocketdiff.eval.quality import card_quality
+
+    r = {"n": 4, "steps": 2, "sampler": "lcm", "guidance": 3.0, "all_correct": 0.25, "seconds_per_image": 0.1,
+         "clip_score": None, "fd": None, "by_count": {1: {"all_correct": 0.5}, 2: {"all_correct": 0.0}},
+         "by_split": {"seen": {"all_correct": 0.25}, "heldout": {"all_correct": 0.0}}}
+    for x in (r, json.loads(json.dumps(r))):  # counts become strings in JSON
+        q = card_quality(x)
+        assert q["single_object_all_correct"] == 0.5 and q["heldout_all_correct"] == 0.0 and q["steps"] == 2

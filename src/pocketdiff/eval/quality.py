@@ -64,6 +64,15 @@ def markdown_row(name: str, r: dict) -> str:
             f"{r['seconds_per_image']:.3f} |")
 
 
+def card_quality(r: dict) -> dict:
+    """The headline numbers of an :func:`evaluate` result, as a model card's ``quality`` entry."""
+    bc = {int(k): v for k, v in r["by_count"].items()}  # JSON round trips make the counts strings
+    return {**{k: r.get(k) for k in ("n", "steps", "sampler", "guidance", "all_correct", "seconds_per_image",
+                                      "clip_score", "fd")},
+            "single_object_all_correct": bc[1]["all_correct"],
+            "heldout_all_correct": r["by_split"]["heldout"]["all_correct"]}
+
+
 def _num(x, digits: int) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
