@@ -128,3 +128,56 @@ def test_mobile_student_gets_channel_adapters():
     loss, terms = loss_fn(model, _batches(2), 2)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model["adapters"].parameters())
+
+
+@pytest.fixture(scope="module")
+def kd_teacher_folder(tmp_path_factory):
+    """A saved 4-stage SD-style teacher (BK-SDM presets need the four stages) with the tiny VAE and text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    from pocketdiff.folder import save_components
+    from pocketdiff.models.tiny import tiny_components
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TEACHER, "cross_attention_dim": 32})
+    path = tmp_path_factory.mktemp("kd") / "teacher"
+    save_components(path, unet, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    return path
+
+
+def _kd_cfg(out_dir, steps=2):
+    from pocketdiff.train.trainer import TrainConfig
+
+    return TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
+                       checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
+
+
+def test_kd_continues_a_trained_student_and_refuses_another_preset(kd_teacher_folder, tmp_path):
+    from pocketdiff.folder import load_components
+    from pocketdiff.train.kd import train_kd
+
+    first = train_kd(_kd_cfg(tmp_path / "a"), kd_teacher_folder, KDRecipe(student="bk-tiny", pool_size=4),
+                     resume=False)
+    start = load_components(first)["unet"].state_dict()
+    again = train_kd(_kd_cfg(tmp_path / "b", steps=1), kd_teacher_folder,
+                     KDRecipe(student="bk-tiny", pool_size=4, init_from=str(first), foreground_weight=4.0),
+                     resume=False)
+    card = json.loads((again / "pocketdiff.json").read_text())
+    assert card["init_from"] == str(first) and card["steps_trained"] == 1
+    after = load_components(again)["unet"].state_dict()
+    assert after.keys() == start.keys() and any(not torch.equal(after[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="not a bk-small student"):
+        train_kd(_kd_cfg(tmp_path / "c", steps=1), kd_teacher_folder,
+                 KDRecipe(student="bk-small", pool_size=4, init_from=str(first)), resume=False)
+
+
+def test_foreground_weight_zero_is_the_plain_kd_loss():
+    teacher, student, text_encoder = _models("tiny")
+    model = kd_model(student, teacher)
+    plain = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe())(model, _batches(3), 3)[1]
+    zero = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(foreground_weight=0.0))(model, _batches(3), 3)[1]
+    weighted = kd_loss(teacher, model, text_encoder, NoiseSchedule(),
+                       KDRecipe(foreground_weight=4.0, foreground_threshold=0.5))(model, _batches(3), 3)[1]
+    assert plain == zero
+    assert weighted["task"] != plain["task"] and weighted["feat_kd"] == plain["feat_kd"]

@@ -1,13 +1,15 @@
 """Pieces of the Shapes VAE and teacher recipes, on tiny models."""
 
 import numpy as np
+import pytest
 import torch
 
 from pocketdiff.data.shapes import sample_batch
 from pocketdiff.schedule import NoiseSchedule
 from pocketdiff.train.autoencoder import (VAERecipe, foreground_weights, init_posterior, shapes_pixel_batches,
                                           to_pixels, to_uint8, vae_loss)
-from pocketdiff.train.teacher import diffusion_loss, latent_batches, shapes_tokenizer
+from pocketdiff.train.teacher import (diffusion_loss, latent_batches, latent_foreground, region_weighted_mean,
+                                     shapes_tokenizer)
 
 
 def test_pixels_round_trip():
@@ -95,3 +97,26 @@ def test_latent_pool_is_shared_by_vae_weights_not_by_folder(tmp_path, monkeypatc
         teacher.cached_pool(tmp_path, other, n=3, seed=0)
         teacher.cached_pool(tmp_path, other, n=3, seed=1)  # another seed: anew too
     assert len(calls) == 3
+
+
+def test_latent_foreground_marks_the_object_and_its_rim():
+    x = 0.05 * torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x += torch.tensor([0.3, -0.2, 0.1, 0.0]).view(1, 4, 1, 1)  # a background code away from zero
+    x[0, :, 5:8, 9:12] += 2.0  # one 3x3 object in image 0; image 1 is background only
+    mask = latent_foreground(x)
+    expected = torch.zeros(16, 16)
+    expected[4:9, 8:13] = 1.0  # the object dilated by one latent pixel
+    assert torch.equal(mask[0, 0], expected) and mask[1].sum() == 0
+
+
+def test_region_weighted_mean_weighs_object_errors():
+    x0 = torch.zeros(1, 4, 16, 16)
+    x0[0, :, 2:4, 2:4] = 3.0  # object: a 2x2 patch, 4x4 once dilated (16 of 256 pixels)
+    err_obj, err_bg = torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16)
+    err_obj[0, :, 2, 2] = 1.0
+    err_bg[0, :, 12, 12] = 1.0
+    assert torch.equal(region_weighted_mean(err_obj, x0), err_obj.mean(dim=(1, 2, 3)))  # weight 0: plain mean
+    w_obj, w_bg = region_weighted_mean(err_obj, x0, 4.0), region_weighted_mean(err_bg, x0, 4.0)
+    assert w_obj.item() == pytest.approx(5 * w_bg.item())  # the same error counts 1 + 4 times on the object
+    mean_w = (240 + 16 * 5) / 256
+    assert w_bg.item() == pytest.approx(err_bg.mean().item() / mean_w)  # normalised by the mean weight

@@ -26,6 +26,10 @@ class KDRecipe:
     caption_dropout: float = 0.1
     pool_size: int = 30_000
     inherit: bool = True  # seed the student with the teacher's weights (BK-SDM)
+    init_from: str = ""  # a trained student folder whose UNet seeds the run instead (continue a KD student)
+    # extra weight of the task and output-KD terms on object regions (see teacher.TeacherRecipe)
+    foreground_weight: float = 0.0
+    foreground_threshold: float = 1.0
 
 
 def feature_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> dict[str, str]:
@@ -106,7 +110,7 @@ def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, 
     pairs = {k: v for k, (v, _, _) in matched_pairs(student, teacher).items()}
     taps_s = FeatureTaps(student, list(pairs))
     taps_t = FeatureTaps(teacher, list(pairs.values()))
-    from .teacher import noised
+    from .teacher import noised, region_weighted_mean
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, h, w)
@@ -116,8 +120,9 @@ def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, 
             out_t = teacher(x_t, t, encoder_hidden_states=states).sample
         out_s = model["unet"](x_t, t, encoder_hidden_states=states).sample
         target = target_for(schedule.prediction_type, x0, eps, a, s)
-        task = (out_s - target).pow(2).mean()
-        out_kd = (out_s - out_t).pow(2).mean()
+        fw, thr = recipe.foreground_weight, recipe.foreground_threshold
+        task = region_weighted_mean((out_s - target).pow(2), x0, fw, thr).mean()
+        out_kd = region_weighted_mean((out_s - out_t).pow(2), x0, fw, thr).mean()
         feat = out_s.new_zeros(())
         for k, v in pairs.items():
             f_s = taps_s.features[k]  # (B, C_s, h, w)
@@ -159,8 +164,16 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     config = COMPACT_PRESETS[recipe.student](dict(teacher.config))
-    student = UNet2DConditionModel(**config)
-    if recipe.inherit and recipe.student in BK_INHERITANCE:
+    if recipe.init_from:  # continue a trained student: its own config must be the preset's
+        student = load_components(recipe.init_from)["unet"].float()
+        same = json.loads(json.dumps({k: student.config.get(k) for k in config}, default=list))
+        if same != json.loads(json.dumps(config, default=list)):
+            raise ValueError(f"{recipe.init_from}: its UNet is not a {recipe.student} student of this teacher; "
+                             f"pass the matching --student")
+        student.requires_grad_(True).train()
+    else:
+        student = UNet2DConditionModel(**config)
+    if recipe.inherit and recipe.student in BK_INHERITANCE and not recipe.init_from:
         init_student_from_teacher(student, teacher, BK_INHERITANCE[recipe.student])
     latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     model = kd_model(student, teacher)
@@ -186,6 +199,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     text_encoder.cpu()
     card = {"description": f"{recipe.student} student distilled (BK-SDM KD) from {Path(teacher_dir).name}",
             "trained": True, "steps_trained": trainer.step, "teacher": str(teacher_dir),
+            **({"init_from": recipe.init_from} if recipe.init_from else {}),
             "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
     save_components(folder, trainer.ema_model()["unet"].cpu(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})

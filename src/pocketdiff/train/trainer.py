@@ -286,7 +286,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, prev)
         if interrupted:
             raise KeyboardInterrupt
-        if self.monitor is not None and self.step >= cfg.steps:
+        if self.monitor is not None and cfg.monitor_every_s > 0 and self.step >= cfg.steps:  # a final check
             self._run_monitor()
         return self.step
 
