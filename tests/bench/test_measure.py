@@ -51,6 +51,14 @@ def test_count_params():
     assert count_params(torch.nn.Linear(7, 5)) == 7 * 5 + 5
 
 
+def test_count_params_counts_int8_weights_of_a_quantized_model():
+    from pocketdiff.quant.weight_only import quantize_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Conv2d(3, 4, 3))
+    before = count_params(model)
+    assert quantize_module(model) and count_params(model) == before
+
+
 def test_time_call_fields():
     calls = []
     t = time_call(lambda: calls.append(1), runs=4, warmup=2)

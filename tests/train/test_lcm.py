@@ -249,3 +249,16 @@ def test_lcm_lora_trains_only_the_adapter(teacher_folder, tmp_path):
     expected = _diffusers_latents(ref, 1.0)
     assert (got - expected).abs().max().item() <= 1e-4
     assert (before - expected).abs().max().item() > 1e-6  # the adapter changed the model
+
+
+def test_foreground_weight_changes_only_the_weighting():
+    """With weight 0 the loss is the plain mean; with a weight, the same distances are re-weighted (the
+    logged mse, an unweighted mean, does not change)."""
+    _, model, plain_fn, _ = _setup()
+    _, _, zero_fn, _ = _setup(foreground_weight=0.0)
+    _, _, weighted_fn, _ = _setup(foreground_weight=4.0, foreground_threshold=3.0)
+    plain, terms = plain_fn(model, _batches(5), 5)
+    zero, _ = zero_fn(model, _batches(5), 5)
+    weighted, w_terms = weighted_fn(model, _batches(5), 5)
+    assert torch.equal(plain, zero)
+    assert w_terms["mse"] == pytest.approx(terms["mse"]) and not torch.isclose(weighted, plain)

@@ -31,8 +31,16 @@ _MB = 1024 * 1024
 
 # ---- parameters and MACs ------------------------------------------------------------------------
 def count_params(module: torch.nn.Module) -> int:
-    """Number of parameters (shared tensors counted once); works on meta-device modules."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    """Number of parameters (shared tensors counted once); works on meta-device modules.
+
+    Weights that weight-only quantization keeps as integer ``weight`` buffers (``pocketdiff.quant``) count too,
+    so a quantized model has as many parameters as its float original."""
+    tensors = {id(p): p for p in module.parameters()}
+    for m in module.modules():
+        w = m._buffers.get("weight")
+        if w is not None and not w.is_floating_point():
+            tensors[id(w)] = w
+    return sum(t.numel() for t in tensors.values())
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -39,6 +39,7 @@ import torch
 
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, lcm_boundary, to_eps, to_x0
+from .teacher import region_weighted_mean
 
 # Linear layers of diffusers' UNet blocks that LCM-LoRA adapts (attention, feed-forward, projections).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -58,6 +59,9 @@ class LCMRecipe:
     caption_dropout: float = 0.0
     pool_size: int = 30_000
     lora_rank: int = 0  # > 0: LCM-LoRA adapter of this rank on the teacher (via peft) instead of a full model
+    # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
+    foreground_weight: float = 0.0
+    foreground_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("huber", "l2"):
@@ -222,10 +226,8 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
         f_online = consistency_fn(schedule, out, x_s, start, s_pred)
         # 6. distance
         d2 = (f_online.float() - f_target.float()).pow(2)
-        if recipe.loss == "huber":
-            loss = (torch.sqrt(d2 + recipe.huber_c**2) - recipe.huber_c).mean()
-        else:
-            loss = d2.mean()
+        per = torch.sqrt(d2 + recipe.huber_c**2) - recipe.huber_c if recipe.loss == "huber" else d2
+        loss = region_weighted_mean(per, x0, recipe.foreground_weight, recipe.foreground_threshold).mean()
         return loss, {"mse": float(d2.mean().detach()), "w": float(w.mean())}
 
     return loss_fn
