@@ -178,6 +178,6 @@ def test_foreground_weight_zero_is_the_plain_kd_loss():
     plain = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe())(model, _batches(3), 3)[1]
     zero = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(foreground_weight=0.0))(model, _batches(3), 3)[1]
     weighted = kd_loss(teacher, model, text_encoder, NoiseSchedule(),
-                       KDRecipe(foreground_weight=4.0, foreground_threshold=0.5))(model, _batches(3), 3)[1]
+                       KDRecipe(foreground_weight=4.0, foreground_threshold=3.0))(model, _batches(3), 3)[1]
     assert plain == zero
     assert weighted["task"] != plain["task"] and weighted["feat_kd"] == plain["feat_kd"]
