@@ -68,6 +68,10 @@ def section_vae() -> str:
     return "\n".join(out) + "\n"
 
 
+# earlier teachers measured by the same command (the JSON was copied aside before the next measurement)
+PREVIOUS_TEACHERS = {"shapes_teacher_5400.json": "previous shapes-teacher (5400 steps, plain loss)"}
+
+
 def section_teacher() -> str:
     from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
 
@@ -85,6 +89,10 @@ def section_teacher() -> str:
     out.append("### Quality at the best guidance scale\n")
     out.append(MARKDOWN_HEADER)
     out.append(markdown_row(r["name"], r["best"]))
+    for file, label in PREVIOUS_TEACHERS.items():  # earlier measurements of the same protocol, for the record
+        prev = _load(file)
+        if prev:
+            out.append(markdown_row(label, prev["best"]))
     best = r["best"]
     out.append(f"\nBy object count and by colour-shape pair (best guidance, {best['n']} prompts). Bar (issue 3): "
                "single-object >= 85%, all scenes >= 60%.\n")
