@@ -125,7 +125,7 @@ def test_inheritance_map_is_data_and_resolves_at_sd_scale(variant):
 
 
 def test_presets_registered():
-    assert set(COMPACT_PRESETS) == {"bk-base", "bk-small", "bk-tiny", "bk-tiny-lite", "mobile"}
+    assert set(COMPACT_PRESETS) == {"bk-base", "bk-small", "bk-tiny", "bk-tiny-lite", "mobile", "mobile-lite"}
     assert set(BK_INHERITANCE) <= set(COMPACT_PRESETS) and set(BK_INHERITANCE.values()) <= set(BK_VARIANTS)
     for name in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "mobile-sd"):
         assert presets.ARCH_PRESETS[name][0] == "unet"
@@ -155,3 +155,21 @@ def test_drop_highest_res_attention_refuses_a_stage_without_attention():
     cfg = drop_highest_res_attention(dict(SD15_UNET))
     with pytest.raises(ValueError, match="no attention"):
         drop_highest_res_attention(cfg)
+
+
+def test_mobile_lite_inherits_all_but_the_cross_only_key_value_projections(shapes_teacher):
+    """mobile-lite (MobileDiffusion-style at bk-tiny-lite's latency) keeps Tiny's stages and layer counts, so the
+    Tiny inheritance map seeds it; only the middle stage's attn1 key/value projections (now reading the text, 128
+    wide, instead of the 64-channel image) have no teacher source of the same shape."""
+
+    cfg = COMPACT_PRESETS["mobile-lite"](SHAPES_UNET)
+    assert cfg["layers_per_block"] == 1 and cfg["mid_block_type"] is None
+    assert cfg["block_out_channels"] == SHAPES_UNET["block_out_channels"][:3]
+    student = real_unet(cfg, 1)
+    assert student.mid_block is None
+    report = init_student_from_teacher(student, shapes_teacher, BK_INHERITANCE["mobile-lite"])
+    skipped = set(report["skipped"])
+    assert skipped and all(".attn1.to_k." in n or ".attn1.to_v." in n for n in skipped)
+    s_sd, t_sd = student.state_dict(), shapes_teacher.state_dict()
+    assert all(torch.equal(s_sd[n], t_sd[src]) for n, src in report["copied"].items())
+    assert n_params(student) < 0.4 * n_params(shapes_teacher)
