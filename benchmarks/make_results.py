@@ -77,7 +77,10 @@ def section_teacher() -> str:
 
     r = _load("shapes_teacher.json")
     out = ["## Shapes teacher (the default model)\n",
-           "Fresh prompts (held-out colour-shape pairs included at their natural rate), analytic checker. "
+           "Fresh prompts (held-out colour-shape pairs included at their natural rate), analytic checker. The "
+           "shipped teacher: 5400 steps of plain v-MSE (`pocketdiff train teacher`), then 1000 steps with the loss "
+           "weighted 5x on object regions of the latent (`--init-from ... --foreground-weight 4`); the previous "
+           "row is the same protocol on the 5400-step model. "
            "Source: `python benchmarks/shapes_quality.py teacher`.\n"]
     if not r:
         return "\n".join(out) + _missing("python benchmarks/shapes_quality.py teacher")
@@ -111,24 +114,33 @@ def section_teacher() -> str:
 COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
     "kd": ("Compact students by knowledge distillation (issue 4)",
            "Compact students of the Shapes teacher trained by `pocketdiff train kd` (task + output KD + feature KD, "
-           "BK-SDM's 1/1/1, weights inherited from the teacher), vs the teacher, same sampler and steps. "
-           "`bk-tiny-lite` is BK-SDM-Tiny less the attention of its highest-resolution stage (the cut SnapFusion's "
-           "search and MobileDiffusion's design both make); plain BK-Tiny and the width-0.75 `mobile` preset measured "
-           "0.53x and 0.72x of the teacher's UNet step here, over the 0.4x target, so they were not trained. Target: "
-           "all-correct within 5 points of the teacher with the student's UNet step at most 0.4x the teacher's."),
+           "weights inherited from the teacher), vs the teacher, same sampler and steps. `bk-tiny-lite` is "
+           "BK-SDM-Tiny less the attention of its highest-resolution stage (the cut SnapFusion's search and "
+           "MobileDiffusion's design both make): 2000 steps of BK-SDM's 1/1/1 loss from the previous teacher, then "
+           "700 steps from the current one with `--foreground-weight 4 --feature-weight 0.1`. `mobile-lite` is the "
+           "MobileDiffusion-style layout (no attention at the highest resolution, cross-attention-only blocks in "
+           "the middle, full transformer blocks at the lowest) pruned to the same latency (one ResNet per down "
+           "block, one transformer layer, no mid block; the width-0.75 `mobile` preset and plain BK-Tiny measured "
+           "0.72x and 0.53x of the teacher's UNet step, over the target), seeded by the Tiny inheritance map and "
+           "trained for the steps shown, from the current teacher. Target: all-correct within 5 points of the "
+           "teacher with the student's UNet step at most 0.4x the teacher's."),
     "lcm": ("Latent consistency distillation (issue 5)",
             "LCM students (`pocketdiff train lcm`) at 1, 2, 4 and 8 steps vs the teacher's 50-step CFG generation. "
+            "The shipped `shapes-lcm`: the first KD student LCM-distilled from the previous teacher (1134 steps, "
+            "w in [2, 5], Huber), then continued from the current teacher with `--foreground-weight 4`. "
             "Targets: at 2 steps, all-correct within 3 points of the teacher's 50-step CFG result and seconds per "
             "image at least 40x lower."),
     "lcm-ablation": ("LCM: distilling from the large teacher vs from the compact model itself (issue 5)",
                      "EdgeFusion's ablation: the same KD student and LCM recipe, with the Shapes teacher or the "
                      "compact student itself as the frozen ODE-solver teacher (each run had the same 28-minute cap; "
-                     "`training steps` is how far each got)."),
+                     "`training steps` is how far each got). Measured on the previous teacher (5400 steps) and its "
+                     "KD student, before the foreground-weighted stages."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
               "and dequantizes per call; `dequant` dequantizes once at load (float speed, only the file is "
-              "smaller). Target: all-correct within 1 point of fp32."),
+              "smaller). Target: all-correct within 1 point of fp32. Measured on the previous teacher (5400 steps) and "
+              "LCM student; the `UNet params` column of the int8 rows predates counting int8 weight buffers."),
 }
 
 
