@@ -72,24 +72,47 @@ def section_vae() -> str:
 PREVIOUS_TEACHERS = {"shapes_teacher_5400.json": "previous shapes-teacher (5400 steps, plain loss)"}
 
 
+def _teacher_from_lcm_comparison() -> dict | None:
+    """The shipped teacher's 50-step DDIM row of the LCM comparison, in shapes_teacher.json's layout (no sweep)."""
+    r = _load("shapes_lcm.json")
+    rows = [x for x in (r or {}).get("rows", []) if x["model"] == "shapes-teacher" and x["sampler"] == "ddim"
+            and x["steps"] == 50]
+    if not rows:
+        return None
+    x = rows[0]
+    return {"name": "shapes-teacher", "best": x["quality"], "sweep": [], "model": None, "row": x}
+
+
 def section_teacher() -> str:
     from pocketdiff.eval.quality import MARKDOWN_HEADER, markdown_row
 
-    r = _load("shapes_teacher.json")
+    r = _load("shapes_teacher.json")  # the full protocol: a guidance sweep, then the best scale on 500 prompts
+    source = "`python benchmarks/shapes_quality.py teacher`"
+    if not r:
+        r = _teacher_from_lcm_comparison()
+        source = ("the teacher row of the LCM comparison below (50 DDIM steps, guidance 3, the previous teacher's "
+                  "best scale; no sweep of this teacher yet: `python benchmarks/shapes_quality.py teacher` runs the "
+                  "full protocol)")
     out = ["## Shapes teacher (the default model)\n",
            "Fresh prompts (held-out colour-shape pairs included at their natural rate), analytic checker. The "
            "shipped teacher: 5400 steps of plain v-MSE (`pocketdiff train teacher`), then 1000 steps with the loss "
            "weighted 5x on object regions of the latent (`--init-from ... --foreground-weight 4`); the previous "
-           "row is the same protocol on the 5400-step model. "
-           "Source: `python benchmarks/shapes_quality.py teacher`.\n"]
+           f"row is the 5400-step model (same steps, sampler and scale). Source: {source}.\n"]
     if not r:
         return "\n".join(out) + _missing("python benchmarks/shapes_quality.py teacher")
     m = r["model"]
-    out.append("| model | UNet params | text encoder params | UNet GMACs/step (CFG batch) | UNet ms/step | "
-               "model size MB |\n|---|---|---|---|---|---|")
-    out.append(f"| {r['name']} | {m['unet_params'] / 1e6:.2f} M | {m['text_params'] / 1e6:.2f} M | "
-               f"{m['unet_gmacs']:.3f} | {m['unet_ms']:.1f} | {m['size_mb']:.1f} |\n")
-    out.append("### Quality at the best guidance scale\n")
+    if m:
+        out.append("| model | UNet params | text encoder params | UNet GMACs/step (CFG batch) | UNet ms/step | "
+                   "model size MB |\n|---|---|---|---|---|---|")
+        out.append(f"| {r['name']} | {m['unet_params'] / 1e6:.2f} M | {m['text_params'] / 1e6:.2f} M | "
+                   f"{m['unet_gmacs']:.3f} | {m['unet_ms']:.1f} | {m['size_mb']:.1f} |\n")
+    else:
+        x = r["row"]
+        out.append("| model | UNet params | UNet GMACs/step (CFG batch) | UNet ms/step | model size MB |\n"
+                   "|---|---|---|---|---|")
+        out.append(f"| {r['name']} | {x['params'] / 1e6:.2f} M | {x['gmacs']:.3f} | {x['unet_ms']:.1f} | "
+                   f"{x['model_mb']:.1f} |\n")
+    out.append("### Quality\n")
     out.append(MARKDOWN_HEADER)
     out.append(markdown_row(r["name"], r["best"]))
     for file, label in PREVIOUS_TEACHERS.items():  # earlier measurements of the same protocol, for the record
@@ -97,17 +120,20 @@ def section_teacher() -> str:
         if prev:
             out.append(markdown_row(label, prev["best"]))
     best = r["best"]
-    out.append(f"\nBy object count and by colour-shape pair (best guidance, {best['n']} prompts). Bar (issue 3): "
+    out.append(f"\nBy object count and by colour-shape pair ({best['n']} prompts). Bar (issue 3): "
                "single-object >= 85%, all scenes >= 60%.\n")
     out.append("| scenes | n | all-correct % |\n|---|---|---|")
     for k, v in sorted(best["by_count"].items(), key=lambda kv: int(kv[0])):
         out.append(f"| {k} object{'s' if int(k) > 1 else ''} | {v.get('n', '')} | {100 * v['all_correct']:.1f} |")
     for k, v in best["by_split"].items():
         out.append(f"| {k} pairs | {v.get('n', '')} | {100 * v['all_correct']:.1f} |")
-    out.append("\n### Guidance-scale sweep\n")
-    out.append(MARKDOWN_HEADER)
-    for s in r["sweep"]:
-        out.append(markdown_row(r["name"], s))
+    sweeps = [(r["name"], r["sweep"])] if r["sweep"] else []
+    sweeps += [(label, (_load(file) or {}).get("sweep", [])) for file, label in PREVIOUS_TEACHERS.items()]
+    if any(rows for _, rows in sweeps):
+        out.append("\n### Guidance-scale sweep\n")
+        out.append(MARKDOWN_HEADER)
+        for name, rows in sweeps:
+            out += [markdown_row(name, x) for x in rows]
     return "\n".join(out) + "\n"
 
 
