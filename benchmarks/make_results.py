@@ -97,7 +97,7 @@ def section_teacher() -> str:
            "Fresh prompts (held-out colour-shape pairs included at their natural rate), analytic checker. The "
            "shipped teacher: 5400 steps of plain v-MSE (`pocketdiff train teacher`), then 1000 steps with the loss "
            "weighted 5x on object regions of the latent (`--init-from ... --foreground-weight 4`); the previous "
-           f"row is the 5400-step model (same steps, sampler and scale). Source: {source}.\n"]
+           f"row is the 5400-step model at its own best scale. Source: {source}.\n"]
     if not r:
         return "\n".join(out) + _missing("python benchmarks/shapes_quality.py teacher")
     m = r["model"]
