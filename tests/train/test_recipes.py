@@ -120,3 +120,17 @@ def test_region_weighted_mean_weighs_object_errors():
     assert w_obj.item() == pytest.approx(5 * w_bg.item())  # the same error counts 1 + 4 times on the object
     mean_w = (240 + 16 * 5) / 256
     assert w_bg.item() == pytest.approx(err_bg.mean().item() / mean_w)  # normalised by the mean weight
+
+
+@pytest.mark.parametrize("recipe", ["teacher", "kd", "lcm"])
+def test_foreground_options_are_checked(recipe):
+    from pocketdiff.train.kd import KDRecipe
+    from pocketdiff.train.lcm import LCMRecipe
+    from pocketdiff.train.teacher import TeacherRecipe
+
+    cls = {"teacher": TeacherRecipe, "kd": KDRecipe, "lcm": LCMRecipe}[recipe]
+    assert cls(foreground_weight=4.0).foreground_weight == 4.0
+    with pytest.raises(ValueError, match="foreground_weight >= 0"):
+        cls(foreground_weight=-1.0)
+    with pytest.raises(ValueError, match="foreground_threshold > 0"):
+        cls(foreground_threshold=0.0)

@@ -31,6 +31,11 @@ class KDRecipe:
     foreground_weight: float = 0.0
     foreground_threshold: float = 1.0
 
+    def __post_init__(self) -> None:
+        from .teacher import check_foreground
+
+        check_foreground(self.foreground_weight, self.foreground_threshold)
+
 
 def feature_pairs(student: torch.nn.Module, teacher: torch.nn.Module) -> dict[str, str]:
     """Student stage module name -> teacher stage module name, matched by resolution (BK-SDM)."""

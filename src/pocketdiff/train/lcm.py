@@ -39,7 +39,7 @@ import torch
 
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, lcm_boundary, to_eps, to_x0
-from .teacher import region_weighted_mean
+from .teacher import check_foreground, region_weighted_mean
 
 # Linear layers of diffusers' UNet blocks that LCM-LoRA adapts (attention, feed-forward, projections).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -64,6 +64,7 @@ class LCMRecipe:
     foreground_threshold: float = 1.0
 
     def __post_init__(self) -> None:
+        check_foreground(self.foreground_weight, self.foreground_threshold)
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"loss must be huber or l2, got {self.loss!r}")
         if not 1.0 <= self.w_min <= self.w_max:

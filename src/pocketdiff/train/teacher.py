@@ -74,6 +74,15 @@ class TeacherRecipe:
     monitor_steps: int = 20
     monitor_guidance: float = 4.0
 
+    def __post_init__(self) -> None:
+        check_foreground(self.foreground_weight, self.foreground_threshold)
+
+
+def check_foreground(weight: float, threshold: float) -> None:
+    """The recipes' foreground-weighting options: a non-negative extra weight and a positive threshold."""
+    if weight < 0 or threshold <= 0:
+        raise ValueError(f"need foreground_weight >= 0 and foreground_threshold > 0, got {weight} and {threshold}")
+
 
 def shapes_tokenizer(max_length: int = 32):
     return build_clip_tokenizer(VOCABULARY, model_max_length=max_length)
