@@ -1,0 +1,88 @@
+"""Put a trained run's model folder inside the package as a shipped model, with an honest card.
+
+One function for every stage (teacher, KD student, LCM student), so shipping is a command rather than a
+script retyped per session::
+
+    python -m pocketdiff.models.ship runs/kd-fg2/model shapes-tiny-lite --continues \\
+        --description "..." --recipe "pocketdiff train kd ..." --teacher shapes-teacher
+
+The card keeps the previous card's generation defaults, drops its measured quality (the weights changed,
+so the numbers must be measured again: `benchmarks/shapes_compare.py --card` or `shapes_quality.py
+--write-card` write them), and records the recipe and the total number of steps trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import PocketdiffError
+from ..folder import store_half
+from .registry import MODELS_DIR, model_card
+
+STALE = ("quality", "model", "init_from")  # card keys that describe the previous weights
+
+
+def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: str, teacher: str | None = None,
+               continues: bool = False, history: str | None = None,
+               models_dir: str | os.PathLike = MODELS_DIR) -> Path:
+    """Copy ``src`` to ``models_dir/name`` (UNet stored float16), replacing a shipped folder of that name.
+
+    ``continues``: the run continued the shipped weights (``--init-from``/``--student <shipped>``), so the
+    card's ``steps_trained`` is the previous total plus this run's steps.
+    """
+    src, dst = Path(src), Path(models_dir) / name
+    if not (src / "model_index.json").is_file():
+        raise PocketdiffError(f"{src}: not a model folder (no model_index.json); pass a run's model/ folder")
+    new = model_card(src)
+    if "steps_trained" not in new:
+        raise PocketdiffError(f"{src}: its pocketdiff.json has no steps_trained; ship a folder written by train")
+    prev = model_card(dst) if dst.is_dir() else {}
+    if continues and "steps_trained" not in prev:
+        raise PocketdiffError(f"{dst}: nothing shipped to continue from; drop --continues")
+
+    tmp = dst.with_name(f".{name}.shipping")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    store_half(tmp)
+    card = {k: v for k, v in new.items() if k not in STALE}
+    card["description"] = description
+    card["defaults"] = prev.get("defaults", new.get("defaults", {}))
+    card["steps_trained"] = int(new["steps_trained"]) + (int(prev["steps_trained"]) if continues else 0)
+    card["training"] = {"recipe": recipe, **({"history": history} if history else {}),
+                        "weights": "UNet stored in float16 (folder.store_half), loaded as float32"}
+    if teacher:
+        card["teacher"] = teacher
+    (tmp / "pocketdiff.json").write_text(json.dumps(card, indent=2))
+    old = dst.with_name(f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pocketdiff.models.ship", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="a trained run's model folder, e.g. runs/kd/model")
+    p.add_argument("name", help="shipped name, e.g. shapes-tiny-lite")
+    p.add_argument("--description", required=True)
+    p.add_argument("--recipe", required=True, help="the command(s) that trained it, for the card")
+    p.add_argument("--history", help="anything else a reader of the card needs (loss changes, restarts)")
+    p.add_argument("--teacher", help="shipped name of the model it was distilled from")
+    p.add_argument("--continues", action="store_true", help="the run continued the shipped weights")
+    a = p.parse_args(argv)
+    try:
+        dst = ship_model(a.src, a.name, description=a.description, recipe=a.recipe, teacher=a.teacher,
+                         continues=a.continues, history=a.history)
+    except PocketdiffError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"shipped {dst} ({model_card(dst)['steps_trained']} steps); measure it again before committing")
+
+
+if __name__ == "__main__":
+    main()
