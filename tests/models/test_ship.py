@@ -16,7 +16,7 @@ def run_model(tiny_folder, tmp_path):
     """A run's model/ folder as train writes it: float32 weights and a card with steps_trained."""
     src = tmp_path / "run" / "model"
     shutil.copytree(tiny_folder, src)
-    (src / "pocketdiff.json").write_text(json.dumps({"trained": True, "steps_trained": 300, "init_from": "x",
+    (src / "pocketdiff.json").write_text(json.dumps({"trained": True, "steps_trained": 300,
                                                      "defaults": {"steps": 4}}))
     return src
 
@@ -34,7 +34,7 @@ def test_ship_stores_half_and_writes_a_card_without_stale_numbers(run_model, tmp
     card = _card(dst)
     assert card["steps_trained"] == 300 and card["teacher"] == "shapes-teacher"
     assert card["description"] == "a test model" and card["training"]["recipe"] == "pocketdiff train kd ..."
-    assert "init_from" not in card and card["defaults"] == {"steps": 4}
+    assert card["defaults"] == {"steps": 4}
     # the source run is untouched (still float32)
     src = load_file(str(next((run_model / "unet").glob("*.safetensors"))))
     assert any(v.dtype == torch.float32 for v in src.values())
@@ -59,6 +59,12 @@ def test_bad_sources_are_refused_in_one_line(run_model, tmp_path, capsys):
     with pytest.raises(PocketdiffError, match="not a model folder"):
         ship_model(tmp_path, "m", description="d", recipe="r", models_dir=tmp_path / "models")
     with pytest.raises(PocketdiffError, match="nothing shipped to continue"):
+        ship_model(run_model, "m", description="d", recipe="r", continues=True, models_dir=tmp_path / "models")
+    init = json.loads((run_model / "pocketdiff.json").read_text())
+    (run_model / "pocketdiff.json").write_text(json.dumps({**init, "init_from": "runs/x/model", "steps_this_run": 9}))
+    ship_model(run_model, "m", description="d", recipe="r", models_dir=tmp_path / "models")
+    assert not {"init_from", "steps_this_run"} & _card(tmp_path / "models" / "m").keys()  # run-specific
+    with pytest.raises(PocketdiffError, match="already counts the steps"):
         ship_model(run_model, "m", description="d", recipe="r", continues=True, models_dir=tmp_path / "models")
     with pytest.raises(SystemExit, match="^error: .*not a model folder"):
         main([str(tmp_path), "m", "--description", "d", "--recipe", "r"])

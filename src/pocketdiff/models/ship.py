@@ -23,7 +23,7 @@ from ..errors import PocketdiffError
 from ..folder import store_half
 from .registry import MODELS_DIR, model_card
 
-STALE = ("quality", "model", "init_from")  # card keys that describe the previous weights
+STALE = ("quality", "model", "init_from", "steps_this_run")  # card keys about the previous weights or the run
 
 
 def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: str, teacher: str | None = None,
@@ -31,8 +31,9 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
                models_dir: str | os.PathLike = MODELS_DIR) -> Path:
     """Copy ``src`` to ``models_dir/name`` (UNet stored float16), replacing a shipped folder of that name.
 
-    ``continues``: the run continued the shipped weights (``--init-from``/``--student <shipped>``), so the
-    card's ``steps_trained`` is the previous total plus this run's steps.
+    ``continues``: the run continued the shipped weights without ``--init-from`` (e.g. ``train lcm --student
+    <shipped LCM>``), so the card's ``steps_trained`` is the previous total plus this run's steps. Runs with
+    ``--init-from`` already count the continued folder's steps (``trainer.steps_card``).
     """
     src, dst = Path(src), Path(models_dir) / name
     if not (src / "model_index.json").is_file():
@@ -41,6 +42,9 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
     if "steps_trained" not in new:
         raise PocketdiffError(f"{src}: its pocketdiff.json has no steps_trained; ship a folder written by train")
     prev = model_card(dst) if dst.is_dir() else {}
+    if continues and "init_from" in new:
+        raise PocketdiffError(f"{src}: its card already counts the steps of the folder it continued (init_from); "
+                              "drop --continues")
     if continues and "steps_trained" not in prev:
         raise PocketdiffError(f"{dst}: nothing shipped to continue from; drop --continues")
 

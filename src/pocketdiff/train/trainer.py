@@ -104,6 +104,19 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch, step)
 
 
+def steps_card(run_steps: int, init_from: str = "") -> dict:
+    """Model-card fields for how much training the saved weights have had.
+
+    A run that continues a trained folder (``init_from``) counts that folder's ``steps_trained`` too, so the
+    card of a continued model states its total; ``steps_this_run`` keeps this run's share.
+    """
+    if not init_from:
+        return {"steps_trained": run_steps}
+    card = Path(init_from) / "pocketdiff.json"
+    before = int(json.loads(card.read_text()).get("steps_trained", 0)) if card.is_file() else 0
+    return {"steps_trained": before + run_steps, "steps_this_run": run_steps, "init_from": init_from}
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch with every tensor on ``device`` (other values unchanged)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
