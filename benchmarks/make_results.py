@@ -143,17 +143,21 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
            "weights inherited from the teacher), vs the teacher, same sampler and steps. `bk-tiny-lite` is "
            "BK-SDM-Tiny less the attention of its highest-resolution stage (the cut SnapFusion's search and "
            "MobileDiffusion's design both make): 2000 steps of BK-SDM's 1/1/1 loss from the previous teacher, then "
-           "700 steps from the current one with `--foreground-weight 4 --feature-weight 0.1`. `mobile-lite` is the "
+           "700 + 1200 steps from the current one with `--foreground-weight 4 --feature-weight 0.1`. `mobile-lite` "
+           "is the "
            "MobileDiffusion-style layout (no attention at the highest resolution, cross-attention-only blocks in "
            "the middle, full transformer blocks at the lowest) pruned to the same latency (one ResNet per down "
            "block, one transformer layer, no mid block; the width-0.75 `mobile` preset and plain BK-Tiny measured "
            "0.72x and 0.53x of the teacher's UNet step, over the target), seeded by the Tiny inheritance map and "
-           "trained for the steps shown, from the current teacher. Target: all-correct within 5 points of the "
+           "trained from the current teacher: 600 steps (BK-SDM 1/1/1, `--foreground-weight 4`), then 1178 with "
+           "`--feature-weight 0.1` (the table's `training steps` shows the last run's; 1778 in all, vs 3900 for "
+           "bk-tiny-lite). Target: all-correct within 5 points of the "
            "teacher with the student's UNet step at most 0.4x the teacher's."),
     "lcm": ("Latent consistency distillation (issue 5)",
             "LCM students (`pocketdiff train lcm`) at 1, 2, 4 and 8 steps vs the teacher's 50-step CFG generation. "
-            "The shipped `shapes-lcm`: the first KD student LCM-distilled from the previous teacher (1134 steps, "
-            "w in [2, 5], Huber), then continued from the current teacher with `--foreground-weight 4`. "
+            "The shipped `shapes-lcm`: the shipped KD student (3900 steps) LCM-distilled from the current teacher "
+            "(w in [2, 5], pseudo-Huber, `--foreground-weight 4`, 60-minute cap; `training steps` is how far it "
+            "got). `teacher-dpm` is the teacher at 8 DPM-Solver++ steps with CFG, for scale. "
             "Targets: at 2 steps, all-correct within 3 points of the teacher's 50-step CFG result and seconds per "
             "image at least 40x lower."),
     "lcm-ablation": ("LCM: distilling from the large teacher vs from the compact model itself (issue 5)",
