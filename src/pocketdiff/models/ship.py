@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import PocketdiffError
-from ..folder import store_half
+from ..folder import atomic_folder, store_half
 from .registry import MODELS_DIR, model_card
 
 STALE = ("quality", "model", "init_from", "steps_this_run")  # card keys about the previous weights or the run
@@ -48,10 +48,6 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
     if continues and "steps_trained" not in prev:
         raise PocketdiffError(f"{dst}: nothing shipped to continue from; drop --continues")
 
-    tmp = dst.with_name(f".{name}.shipping")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    store_half(tmp)
     card = {k: v for k, v in new.items() if k not in STALE}
     card["description"] = description
     card["defaults"] = prev.get("defaults", new.get("defaults", {}))
@@ -60,13 +56,11 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
                         "weights": "UNet stored in float16 (folder.store_half), loaded as float32"}
     if teacher:
         card["teacher"] = teacher
-    (tmp / "pocketdiff.json").write_text(json.dumps(card, indent=2))
-    old = dst.with_name(f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(dst, overwrite=True) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        store_half(tmp)
+        (tmp / "pocketdiff.json").write_text(json.dumps(card, indent=2))
     return dst
 
 
