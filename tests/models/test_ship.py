@@ -66,5 +66,8 @@ def test_bad_sources_are_refused_in_one_line(run_model, tmp_path, capsys):
     assert not {"init_from", "steps_this_run"} & _card(tmp_path / "models" / "m").keys()  # run-specific
     with pytest.raises(PocketdiffError, match="already counts the steps"):
         ship_model(run_model, "m", description="d", recipe="r", continues=True, models_dir=tmp_path / "models")
-    with pytest.raises(SystemExit, match="^error: .*not a model folder"):
+    with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "m", "--description", "d", "--recipe", "r"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "not a model folder" in err
+    assert err.count("\n") == 1  # one line, no traceback

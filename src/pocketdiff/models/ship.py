@@ -3,7 +3,7 @@
 One function for every stage (teacher, KD student, LCM student), so shipping is a command rather than a
 script retyped per session::
 
-    python -m pocketdiff.models.ship runs/kd-fg2/model shapes-tiny-lite --continues \\
+    python -m pocketdiff.models.ship runs/kd/model shapes-tiny-lite \\
         --description "..." --recipe "pocketdiff train kd ..." --teacher shapes-teacher
 
 The card keeps the previous card's generation defaults, drops its measured quality (the weights changed,
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import PocketdiffError
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         dst = ship_model(a.src, a.name, description=a.description, recipe=a.recipe, teacher=a.teacher,
                          continues=a.continues, history=a.history)
     except PocketdiffError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"shipped {dst} ({model_card(dst)['steps_trained']} steps); measure it again before committing")
 
 
