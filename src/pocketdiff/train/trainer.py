@@ -112,8 +112,9 @@ def steps_card(run_steps: int, init_from: str = "") -> dict:
     """
     if not init_from:
         return {"steps_trained": run_steps}
-    card = Path(init_from) / "pocketdiff.json"
-    before = int(json.loads(card.read_text()).get("steps_trained", 0)) if card.is_file() else 0
+    from ..models.registry import model_card
+
+    before = int(model_card(Path(init_from)).get("steps_trained", 0))
     return {"steps_trained": before + run_steps, "steps_this_run": run_steps, "init_from": init_from}
 
 
