@@ -148,9 +148,10 @@ def teacher_folder(tmp_path_factory):
     return path
 
 
-def _cfg(out_dir, steps=3):
+def _cfg(out_dir, steps=3, **kw):
+    kw = {"monitor_every_s": 0, **kw}
     return TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
-                       checkpoint_every=100, monitor_every_s=0, ema_decay=0.9)
+                       checkpoint_every=100, ema_decay=0.9, **kw)
 
 
 def _gens():
@@ -202,8 +203,15 @@ def test_compact_student_from_its_own_folder(teacher_folder, tmp_path):
     student_dir = tmp_path / "student"
     save_components(student_dir, small, parts["vae"], parts["text_encoder"], parts["tokenizer"],
                     {**parts["scheduler_config"], "prediction_type": "epsilon"})
-    recipe = LCMRecipe(student=str(student_dir), pool_size=4, time_cond_proj_dim=8, loss="l2")
-    folder = train_lcm(_cfg(tmp_path / "run", steps=2), teacher_folder, recipe, resume=False)
+    recipe = LCMRecipe(student=str(student_dir), pool_size=4, time_cond_proj_dim=8, loss="l2", monitor_n=2)
+    # a 4-step check after every step; the export is the best-checked EMA weights, and its card says which
+    cfg = _cfg(tmp_path / "run", steps=2, monitor_every_s=1e-9, keep_best="all_correct")
+    folder = train_lcm(cfg, teacher_folder, recipe, resume=False)
+    card = json.loads((folder / "pocketdiff.json").read_text())
+    checks = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["monitor"]["all_correct"] for r in checks if "monitor" in r}
+    assert set(scores) == {1, 2} and card["selected"]["value"] == max(scores.values())
+    assert card["selected"]["of_steps"] == 2 and card["steps_trained"] == card["selected"]["step"]
     ours = Pipeline.from_folder(folder, runner="eager")
     assert tuple(ours.unet.config.block_out_channels) == (8, 16) and ours.unet.config.time_cond_proj_dim == 8
     assert ours.schedule.prediction_type == "epsilon"

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pocketdiff.train.trainer import EMA, TrainConfig, Trainer, lr_lambda
+from pocketdiff.train.trainer import EMA, TrainConfig, Trainer, export_card, lr_lambda
 
 
-def _setup(tmp_path, steps, interrupt_at=None, **kw):
+def _setup(tmp_path, steps, interrupt_at=None, monitor=None, **kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     target = torch.nn.Linear(4, 2)
@@ -24,9 +24,10 @@ def _setup(tmp_path, steps, interrupt_at=None, **kw):
         loss = (m(batch["x"]) - batch["y"]).pow(2).mean()
         return loss, {"mse": float(loss)}
 
+    kw = {"monitor_every_s": 0, **kw}
     cfg = TrainConfig(out_dir=str(tmp_path), steps=steps, batch_size=16, lr=1e-2, warmup_steps=2, log_every=2,
-                      checkpoint_every=3, monitor_every_s=0, ema_decay=0.9, **kw)
-    return Trainer(cfg, model, loss_fn, batches)
+                      checkpoint_every=3, ema_decay=0.9, **kw)
+    return Trainer(cfg, model, loss_fn, batches, monitor=monitor)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -114,3 +115,62 @@ def test_resume_refuses_another_models_checkpoint(tmp_path):
 def test_config_rejects_bad_intervals(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+class _ScriptedMonitor:
+    """A monitor whose metric follows a script over steps; it records the weights it was shown."""
+
+    def __init__(self, scores: dict[int, float]):
+        self.scores, self.seen = scores, {}
+
+    def __call__(self, step, model):
+        self.seen[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"acc": self.scores.get(step, 0.0), "other": 1.0}
+
+
+EVERY_STEP = dict(monitor_every_s=1e-9)  # a check after every step (and a final one)
+
+
+def test_keep_best_exports_the_best_checked_weights(tmp_path):
+    mon = _ScriptedMonitor({2: 0.3, 4: 0.9, 6: 0.5, 8: 0.9})  # a tie later does not replace the best
+    t = _setup(tmp_path, 8, monitor=mon, keep_best="acc", **EVERY_STEP)
+    t.run()
+    assert t.best_record() == {"metric": "acc", "value": 0.9, "step": 4}
+    model, chosen = t.final_model()
+    assert chosen == {"metric": "acc", "value": 0.9, "step": 4, "of_steps": 8}
+    for k, v in model.state_dict().items():  # the step-4 EMA weights, not the last ones
+        assert torch.equal(v, mon.seen[4][k])
+    assert not torch.equal(model.state_dict()["0.weight"], t.ema_model().state_dict()["0.weight"])
+    assert export_card(chosen) == {"steps_trained": 4, "selected": chosen}
+    assert not (tmp_path / "best.tmp").exists() and not (tmp_path / "best.old").exists()
+
+
+def test_without_keep_best_the_last_ema_weights_are_exported(tmp_path):
+    t = _setup(tmp_path, 5, monitor=_ScriptedMonitor({2: 0.9}), **EVERY_STEP)
+    t.run()
+    model, chosen = t.final_model()
+    assert chosen == {"step": 5} and export_card(chosen) == {"steps_trained": 5}
+    assert not (tmp_path / "best").exists()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, t.ema_model().state_dict()[k])
+
+
+def test_keep_best_survives_resume_and_a_fresh_run_forgets_it(tmp_path):
+    scores = {2: 0.8, 7: 0.6}
+    part = _setup(tmp_path, 8, interrupt_at=5, monitor=_ScriptedMonitor(scores), keep_best="acc", **EVERY_STEP)
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    resumed = _setup(tmp_path, 8, monitor=_ScriptedMonitor(scores), keep_best="acc", **EVERY_STEP)
+    resumed.run()
+    assert resumed.final_model()[1]["step"] == 2  # kept before the kill, not beaten after it
+    fresh = _setup(tmp_path, 8, monitor=_ScriptedMonitor({7: 0.1}), keep_best="acc", **EVERY_STEP)
+    fresh.run(resume=False)
+    assert fresh.best_record()["step"] == 7
+
+
+def test_keep_best_names_a_metric_the_monitor_reports(tmp_path):
+    t = _setup(tmp_path, 3, monitor=_ScriptedMonitor({}), keep_best="fid", **EVERY_STEP)
+    with pytest.raises(ValueError, match="not a monitor metric.*acc"):
+        t.run()
+    with pytest.raises(ValueError, match="monitor_every_s"):
+        TrainConfig(keep_best="acc", monitor_every_s=0)

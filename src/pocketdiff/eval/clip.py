@@ -377,10 +377,10 @@ def train_clip(cfg, clip_cfg: ClipConfig | None = None, resume: bool = True, spl
     batches = clip_batches(cfg.batch_size, cfg.seed, split, model.tokenizer, clip_cfg.max_length)
     trainer = Trainer(cfg, model, clip_loss, batches, monitor=lambda step, m: clip_quality(m, monitor_n))
     trainer.run(resume=resume)
-    final = trainer.ema_model()
+    final, chosen = trainer.final_model()
     out = final.save(Path(cfg.out_dir) / "clip")
     quality = clip_quality(final, n=1000, seed=4242)
-    (out / "quality.json").write_text(json.dumps({"step": trainer.step, **quality}, indent=2))
+    (out / "quality.json").write_text(json.dumps({**chosen, **quality}, indent=2))
     return out
 
 

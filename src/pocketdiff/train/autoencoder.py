@@ -133,10 +133,10 @@ def train_vae(cfg: TrainConfig, recipe: VAERecipe | None = None, resume: bool = 
     trainer = Trainer(cfg, vae, vae_loss(recipe), shapes_pixel_batches(cfg.batch_size, cfg.seed),
                       monitor=lambda step, m: reconstruction_quality(m, recipe.monitor_n))
     trainer.run(resume=resume)
-    final = trainer.ema_model()
+    final, chosen = trainer.final_model()
     final.register_to_config(scaling_factor=latent_scaling_factor(final))
     out = Path(cfg.out_dir) / "vae"
     final.save_pretrained(out, safe_serialization=True)
     quality = reconstruction_quality(final, n=recipe.final_check_n, seed=4242)
-    (out / "quality.json").write_text(json.dumps({"step": trainer.step, **quality}, indent=2))
+    (out / "quality.json").write_text(json.dumps({**chosen, **quality}, indent=2))
     return out

@@ -157,7 +157,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     from ..folder import load_components, save_components
     from ..models.compact import BK_INHERITANCE, COMPACT_PRESETS, init_student_from_teacher
     from .teacher import TeacherRecipe, cached_pool, latent_batches, monitor_fn
-    from .trainer import Trainer, steps_card
+    from .trainer import Trainer, export_card
 
     recipe = recipe or KDRecipe()
     if recipe.student not in COMPACT_PRESETS:
@@ -202,9 +202,10 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
         return folder
     teacher.cpu()
     text_encoder.cpu()
+    final, chosen = trainer.final_model()
     card = {"description": f"{recipe.student} student distilled (BK-SDM KD) from {Path(teacher_dir).name}",
-            "trained": True, **steps_card(trainer.step, recipe.init_from), "teacher": str(teacher_dir),
+            "trained": True, **export_card(chosen, recipe.init_from), "teacher": str(teacher_dir),
             "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
-    save_components(folder, trainer.ema_model()["unet"].cpu(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
+    save_components(folder, final["unet"].cpu(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
     return folder

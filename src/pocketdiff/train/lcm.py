@@ -62,9 +62,12 @@ class LCMRecipe:
     # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
     foreground_threshold: float = 1.0
+    monitor_n: int = 48  # fresh prompts sampled (4 LCM steps) and checked per monitor call
 
     def __post_init__(self) -> None:
         check_foreground(self.foreground_weight, self.foreground_threshold)
+        if self.monitor_n < 1:
+            raise ValueError(f"monitor_n must be >= 1, got {self.monitor_n}")
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"loss must be huber or l2, got {self.loss!r}")
         if not 1.0 <= self.w_min <= self.w_max:
@@ -250,6 +253,7 @@ def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance:
     """Sample fresh prompts with the LCM sampler (4 steps) and score them with the checker."""
     import numpy as np
 
+    from ..data.shapes import IMAGE_SIZE
     from ..eval.checker import aggregate, check
     from ..eval.quality import fresh_prompts
     from .teacher import make_pipeline
@@ -260,7 +264,8 @@ def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance:
         pipe = make_pipeline(model["unet"], vae, text_encoder, tokenizer, scheduler_config)
         images = []
         for i in range(0, len(prompts), 16):
-            res = pipe(prompts[i:i + 16], steps=4, sampler="lcm", guidance=guidance, seed=i)
+            res = pipe(prompts[i:i + 16], steps=4, sampler="lcm", guidance=guidance, seed=i, height=IMAGE_SIZE,
+                       width=IMAGE_SIZE)
             images += [np.asarray(im) for im in res.images]
         s = aggregate([check(im, p) for im, p in zip(images, prompts)])
         return {"all_correct": s["all_correct"], "colour": s["colour"], "shape": s["shape"]}
@@ -272,7 +277,7 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
     from ..folder import load_components, save_components
     from .teacher import cached_pool, latent_batches
-    from .trainer import Trainer
+    from .trainer import Trainer, export_card
 
     recipe = recipe or LCMRecipe()
     parts = load_components(teacher_dir)
@@ -309,7 +314,8 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     loss_fn = lcm_loss(teacher, text_encoder, schedule, recipe, uncond, teacher_schedule.prediction_type)
     out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
-    lcm_monitor = _lcm_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance)  # CPU copy
+    lcm_monitor = _lcm_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance,  # CPU copy
+                               recipe.monitor_n)
 
     def monitor(step, m):
         return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
@@ -328,13 +334,14 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
         return folder
     teacher.cpu()
     text_encoder.cpu()
-    final = trainer.ema_model()["unet"].cpu()
+    final_model, chosen = trainer.final_model()
+    final = final_model["unet"].cpu()
     if lora:
         save_lora(final, out / "lora")
         final = merge_lora(final)
     kind = f"LCM-LoRA (rank {recipe.lora_rank}) merged into" if lora else "LCM distilled from"
     card = {"description": f"{kind} {Path(teacher_dir).name} (latent consistency distillation)",
-            "trained": True, "steps_trained": trainer.step, "teacher": str(teacher_dir), "recipe": asdict(recipe),
+            "trained": True, **export_card(chosen), "teacher": str(teacher_dir), "recipe": asdict(recipe),
             "defaults": {"steps": 4, "sampler": "lcm", "guidance": guidance}}
     save_components(folder, final.eval(), vae, text_encoder, tokenizer, out_sched, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})

@@ -26,7 +26,7 @@ from ..data.shapes import VOCABULARY, sample_batch
 from ..schedule import NoiseSchedule, target_for
 from ..text.tokenizer import build_clip_tokenizer
 from .autoencoder import to_pixels
-from .trainer import TrainConfig, Trainer, steps_card
+from .trainer import TrainConfig, Trainer, export_card
 
 SHAPES_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
@@ -276,11 +276,12 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
     folder = out / "model"
     if not trainer.accelerator.is_main_process:
         return folder
-    final = trainer.ema_model().cpu()
+    final, chosen = trainer.final_model()
+    final = final.cpu()
     from ..folder import save_components
 
     card = {"description": "Shapes teacher: scaled-down SD-v1.5 UNet + CLIP text encoder, trained by pocketdiff",
-            "trained": True, **steps_card(trainer.step, recipe.init_from),
+            "trained": True, **export_card(chosen, recipe.init_from),
             "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": recipe.monitor_guidance}}
     save_components(folder, final["unet"], vae, final["text_encoder"], tokenizer, recipe.scheduler, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})

@@ -44,6 +44,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # for SD-scale models on GPUs
     seed: int = 0
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0: no limit
+    # a monitor metric, higher is better (e.g. "all_correct"): every check that beats the best so far keeps
+    # its EMA weights in out_dir/best, and the recipe exports those instead of the last ones ("": off)
+    keep_best: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -56,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.keep_best and self.monitor_every_s <= 0:
+            raise ValueError("keep_best needs the monitor: set monitor_every_s > 0")
 
 
 class EMA:
@@ -118,6 +123,15 @@ def steps_card(run_steps: int, init_from: str = "") -> dict:
     return {"steps_trained": before + run_steps, "steps_this_run": run_steps, "init_from": init_from}
 
 
+def export_card(chosen: dict, init_from: str = "") -> dict:
+    """Model-card fields for the weights :meth:`Trainer.final_model` chose: their steps (see :func:`steps_card`)
+    and, when the best monitored check was kept, which check it was (``selected``)."""
+    card = steps_card(chosen["step"], init_from)
+    if "metric" in chosen:
+        card["selected"] = {k: chosen[k] for k in ("metric", "value", "step", "of_steps")}
+    return card
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch with every tensor on ``device`` (other values unchanged)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -125,6 +139,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the finished folder ``tmp`` (renames only, so a kill leaves one of them whole)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:
@@ -177,12 +201,7 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2))
-        old = self.out / "checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.ckpt_dir.exists():
-            self.ckpt_dir.rename(old)
-        tmp.rename(self.ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, self.ckpt_dir)
 
     def load_checkpoint(self) -> bool:
         """Restore the newest complete checkpoint: ``checkpoint``, else the ``.old`` or ``.tmp`` that a kill
@@ -206,6 +225,48 @@ class Trainer:
             torch.set_rng_state(opt["rng"])
         self.step = json.loads((d / "state.json").read_text())["step"]
         return True
+
+    # ---- the best-monitored weights (cfg.keep_best) ------------------------------------------------
+    @property
+    def best_dir(self) -> Path:
+        return self.out / "best"
+
+    def best_record(self) -> dict | None:
+        """``{"metric", "value", "step"}`` of the best check kept so far, or None."""
+        f = self.best_dir / "best.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _keep_if_best(self, metrics: dict) -> None:
+        name = self.cfg.keep_best
+        if name not in metrics:
+            raise ValueError(f"keep_best={name!r} is not a monitor metric; the monitor reports {sorted(metrics)}")
+        value = float(metrics[name])
+        best = self.best_record()
+        if best is not None and value <= best["value"]:
+            return
+        tmp = self.out / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = self.ema.shadow if self.ema is not None else self.raw_model.state_dict()
+        save_file(_contiguous(weights), str(tmp / "weights.safetensors"))
+        (tmp / "best.json").write_text(json.dumps({"metric": name, "value": value, "step": self.step}))
+        _swap_in(tmp, self.best_dir)
+        tqdm.write(f"[step {self.step}] best {name} so far ({value:.4g}): kept in {self.best_dir}")
+
+    def final_model(self) -> tuple[torch.nn.Module, dict]:
+        """The model a recipe exports, and which weights they are.
+
+        With ``cfg.keep_best`` and a kept check: the EMA weights of the best check, and ``{"step", "metric",
+        "value", "of_steps"}``; otherwise the last EMA weights and ``{"step"}``.
+        """
+        model = self.ema_model()
+        best = self.best_record() if self.cfg.keep_best else None
+        if best is None:
+            return model, {"step": self.step}
+        kept = load_file(str(self.best_dir / "weights.safetensors"))
+        state = model.state_dict()
+        model.load_state_dict({k: (kept[k].to(v.dtype) if k in kept else v) for k, v in state.items()})
+        return model, {**best, "of_steps": self.step}
 
     def ema_model(self) -> torch.nn.Module:
         """A copy of the model holding the EMA weights (the model itself when EMA is off)."""
@@ -243,6 +304,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.load_checkpoint():
             print(f"resumed from {self.ckpt_dir} at step {self.step}", flush=True)
+        elif self.accelerator.is_main_process:  # a fresh run: a best kept by an earlier run is not ours
+            shutil.rmtree(self.best_dir, ignore_errors=True)
         prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
         start = time.time()
@@ -300,7 +363,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, prev)
         if interrupted:
             raise KeyboardInterrupt
-        if self.monitor is not None and cfg.monitor_every_s > 0 and self.step >= cfg.steps:  # a final check
+        if self.monitor is not None and cfg.monitor_every_s > 0:  # a final check (also after max_minutes)
             self._run_monitor()
         return self.step
 
@@ -310,5 +373,7 @@ class Trainer:
         metrics = self.monitor(self.step, self.ema_model().cpu())  # sampling checks run on the CPU
         self.model.train()
         self._log({"step": self.step, "monitor": metrics})
+        if self.cfg.keep_best:
+            self._keep_if_best(metrics)
         tqdm.write(f"[step {self.step}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in metrics.items()))
