@@ -203,8 +203,9 @@ def test_compact_student_from_its_own_folder(teacher_folder, tmp_path):
     student_dir = tmp_path / "student"
     save_components(student_dir, small, parts["vae"], parts["text_encoder"], parts["tokenizer"],
                     {**parts["scheduler_config"], "prediction_type": "epsilon"})
-    recipe = LCMRecipe(student=str(student_dir), pool_size=4, time_cond_proj_dim=8, loss="l2", monitor_n=2)
-    # a 4-step check after every step; the export is the best-checked EMA weights, and its card says which
+    recipe = LCMRecipe(student=str(student_dir), pool_size=4, time_cond_proj_dim=8, loss="l2", monitor_n=2,
+                       monitor_steps=2)
+    # a 2-step check after every step; the export is the best-checked EMA weights, and its card says which
     cfg = _cfg(tmp_path / "run", steps=2, monitor_every_s=1e-9, keep_best="all_correct")
     folder = train_lcm(cfg, teacher_folder, recipe, resume=False)
     card = json.loads((folder / "pocketdiff.json").read_text())

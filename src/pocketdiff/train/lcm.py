@@ -62,12 +62,13 @@ class LCMRecipe:
     # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
     foreground_threshold: float = 1.0
-    monitor_n: int = 48  # fresh prompts sampled (4 LCM steps) and checked per monitor call
+    monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
+    monitor_steps: int = 4  # LCM steps of the monitor's samples
 
     def __post_init__(self) -> None:
         check_foreground(self.foreground_weight, self.foreground_threshold)
-        if self.monitor_n < 1:
-            raise ValueError(f"monitor_n must be >= 1, got {self.monitor_n}")
+        if self.monitor_n < 1 or self.monitor_steps < 1:
+            raise ValueError(f"monitor_n and monitor_steps must be >= 1, got {self.monitor_n}, {self.monitor_steps}")
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"loss must be huber or l2, got {self.loss!r}")
         if not 1.0 <= self.w_min <= self.w_max:
@@ -249,8 +250,9 @@ def lcm_scheduler_config(teacher_config: dict, schedule: NoiseSchedule, num_ddim
             "original_inference_steps": num_ddim_timesteps, "timestep_scaling": schedule.timestep_scaling}
 
 
-def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance: float, n: int = 48):
-    """Sample fresh prompts with the LCM sampler (4 steps) and score them with the checker."""
+def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance: float, n: int = 48,
+                 steps: int = 4):
+    """Sample fresh prompts with the LCM sampler (``steps`` steps) and score them with the checker."""
     import numpy as np
 
     from ..data.shapes import IMAGE_SIZE
@@ -264,7 +266,7 @@ def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance:
         pipe = make_pipeline(model["unet"], vae, text_encoder, tokenizer, scheduler_config)
         images = []
         for i in range(0, len(prompts), 16):
-            res = pipe(prompts[i:i + 16], steps=4, sampler="lcm", guidance=guidance, seed=i, height=IMAGE_SIZE,
+            res = pipe(prompts[i:i + 16], steps=steps, sampler="lcm", guidance=guidance, seed=i, height=IMAGE_SIZE,
                        width=IMAGE_SIZE)
             images += [np.asarray(im) for im in res.images]
         s = aggregate([check(im, p) for im, p in zip(images, prompts)])
@@ -315,7 +317,7 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
     lcm_monitor = _lcm_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance,  # CPU copy
-                               recipe.monitor_n)
+                               recipe.monitor_n, recipe.monitor_steps)
 
     def monitor(step, m):
         return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
