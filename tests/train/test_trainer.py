@@ -143,6 +143,9 @@ def test_keep_best_exports_the_best_checked_weights(tmp_path):
     assert not torch.equal(model.state_dict()["0.weight"], t.ema_model().state_dict()["0.weight"])
     assert export_card(chosen) == {"steps_trained": 4, "selected": chosen}
     assert not (tmp_path / "best.tmp").exists() and not (tmp_path / "best.old").exists()
+    checks = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+              if "monitor" in line]
+    assert checks == list(range(1, 9))  # one check per step: the final one is not repeated at step 8
 
 
 def test_without_keep_best_the_last_ema_weights_are_exported(tmp_path):

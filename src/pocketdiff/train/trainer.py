@@ -181,6 +181,7 @@ class Trainer:
         self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.batches, self.monitor, self.after_step = batches, monitor, after_step
         self.step = 0
+        self._checked_step = -1  # the step of the last monitor check
         self._stop = False
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -363,11 +364,12 @@ class Trainer:
             signal.signal(signal.SIGTERM, prev)
         if interrupted:
             raise KeyboardInterrupt
-        if self.monitor is not None and cfg.monitor_every_s > 0:  # a final check (also after max_minutes)
-            self._run_monitor()
+        if self.monitor is not None and cfg.monitor_every_s > 0 and self._checked_step != self.step:
+            self._run_monitor()  # a final check (also after max_minutes) unless the last one was at this step
         return self.step
 
     def _run_monitor(self) -> None:
+        self._checked_step = self.step
         if not self.accelerator.is_main_process:
             return
         metrics = self.monitor(self.step, self.ema_model().cpu())  # sampling checks run on the CPU
