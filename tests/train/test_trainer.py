@@ -146,6 +146,8 @@ def test_keep_best_exports_the_best_checked_weights(tmp_path):
     checks = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
               if "monitor" in line]
     assert checks == list(range(1, 9))  # one check per step: the final one is not repeated at step 8
+    (tmp_path / "best").rename(tmp_path / "best.old")  # a kill between the two renames of a swap
+    assert t.final_model()[1] == chosen
 
 
 def test_without_keep_best_the_last_ema_weights_are_exported(tmp_path):

@@ -232,10 +232,14 @@ class Trainer:
     def best_dir(self) -> Path:
         return self.out / "best"
 
+    def _best_folder(self) -> Path | None:
+        """``best``, else the ``best.old`` that a kill between the renames of :func:`_swap_in` leaves."""
+        return next((d for d in (self.best_dir, self.out / "best.old") if (d / "best.json").is_file()), None)
+
     def best_record(self) -> dict | None:
         """``{"metric", "value", "step"}`` of the best check kept so far, or None."""
-        f = self.best_dir / "best.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        d = self._best_folder()
+        return json.loads((d / "best.json").read_text()) if d is not None else None
 
     def _keep_if_best(self, metrics: dict) -> None:
         name = self.cfg.keep_best
@@ -261,10 +265,11 @@ class Trainer:
         "value", "of_steps"}``; otherwise the last EMA weights and ``{"step"}``.
         """
         model = self.ema_model()
-        best = self.best_record() if self.cfg.keep_best else None
-        if best is None:
+        folder = self._best_folder() if self.cfg.keep_best else None
+        if folder is None:
             return model, {"step": self.step}
-        kept = load_file(str(self.best_dir / "weights.safetensors"))
+        best = json.loads((folder / "best.json").read_text())
+        kept = load_file(str(folder / "weights.safetensors"))
         state = model.state_dict()
         model.load_state_dict({k: (kept[k].to(v.dtype) if k in kept else v) for k, v in state.items()})
         return model, {**best, "of_steps": self.step}
@@ -306,7 +311,8 @@ class Trainer:
         if resume and self.load_checkpoint():
             print(f"resumed from {self.ckpt_dir} at step {self.step}", flush=True)
         elif self.accelerator.is_main_process:  # a fresh run: a best kept by an earlier run is not ours
-            shutil.rmtree(self.best_dir, ignore_errors=True)
+            for d in (self.best_dir, self.out / "best.old"):
+                shutil.rmtree(d, ignore_errors=True)
         prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
         start = time.time()
