@@ -140,31 +140,35 @@ def section_teacher() -> str:
 COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
     "kd": ("Compact students by knowledge distillation (issue 4)",
            "Compact students of the Shapes teacher trained by `pocketdiff train kd` (task + output KD + feature KD, "
-           "weights inherited from the teacher), vs the teacher, same sampler and steps. `bk-tiny-lite` is "
-           "BK-SDM-Tiny less the attention of its highest-resolution stage (the cut SnapFusion's search and "
-           "MobileDiffusion's design both make): 2000 steps of BK-SDM's 1/1/1 loss from the previous teacher, then "
-           "700 + 1200 steps from the current one with `--foreground-weight 4 --feature-weight 0.1`. `mobile-lite` "
-           "is the "
-           "MobileDiffusion-style layout (no attention at the highest resolution, cross-attention-only blocks in "
-           "the middle, full transformer blocks at the lowest) pruned to the same latency (one ResNet per down "
-           "block, one transformer layer, no mid block; the width-0.75 `mobile` preset and plain BK-Tiny measured "
-           "0.72x and 0.53x of the teacher's UNet step, over the target), seeded by the Tiny inheritance map and "
-           "trained from the current teacher: 600 steps (BK-SDM 1/1/1, `--foreground-weight 4`), then 1178 with "
-           "`--feature-weight 0.1` (the table's `training steps` shows the last run's; 1778 in all, vs 3900 for "
-           "bk-tiny-lite). Target: all-correct within 5 points of the "
-           "teacher with the student's UNet step at most 0.4x the teacher's."),
+           "weights inherited from the teacher), vs the teacher, same sampler and steps; `training steps` is each "
+           "student's total. `bk-tiny-lite` is BK-SDM-Tiny less the attention of its highest-resolution stage (the "
+           "cut SnapFusion's search and MobileDiffusion's design both make): 2000 steps of BK-SDM's 1/1/1 loss from "
+           "the previous teacher, then three continuations from the current one with `--foreground-weight 4 "
+           "--feature-weight 0.1 --lr 2e-4`. `mobile-lite` is the MobileDiffusion-style layout (no attention at the "
+           "highest resolution, cross-attention-only blocks in the middle, full transformer blocks at the lowest) "
+           "pruned to the same latency (one ResNet per down block, one transformer layer, no mid block; the "
+           "width-0.75 `mobile` preset and plain BK-Tiny measured 0.72x and 0.53x of the teacher's UNet step, over "
+           "the target), seeded by the Tiny inheritance map and trained from the current teacher only: 600 steps "
+           "(BK-SDM 1/1/1, `--foreground-weight 4`), then two continuations with `--feature-weight 0.1`. Each model "
+           "is measured at several guidance scales (label suffix `-gN`; no suffix: 3), as issue 3's protocol takes "
+           "the best of a sweep. Target: all-correct within 5 points of the teacher with the student's UNet step "
+           "at most 0.4x the teacher's."),
     "lcm": ("Latent consistency distillation (issue 5)",
             "LCM students (`pocketdiff train lcm`) at 1, 2, 4 and 8 steps vs the teacher's 50-step CFG generation. "
-            "The shipped `shapes-lcm`: the shipped KD student (3900 steps) LCM-distilled from the current teacher "
-            "(w in [2, 5], pseudo-Huber, `--foreground-weight 4`, 60-minute cap; `training steps` is how far it "
-            "got). `teacher-dpm` is the teacher at 8 DPM-Solver++ steps with CFG, for scale. "
+            "The shipped `shapes-lcm`: the shipped KD student (5000 steps) LCM-distilled from the current teacher "
+            "(w in [2, 5], pseudo-Huber, `--foreground-weight 4`) for 800 steps with a 2-step check of 96 fresh "
+            "prompts every 150 s and `--keep-best all_correct`: it ships the EMA weights of the best check "
+            "(`training steps` is that check's step; the card's `selected` says which). A 2200-step run from the "
+            "previous student had peaked early in such checks and then lost quality (2-step 11.6% at its end). "
+            "`teacher-dpm` is the teacher at 8 DPM-Solver++ steps with CFG, for scale. "
             "Targets: at 2 steps, all-correct within 3 points of the teacher's 50-step CFG result and seconds per "
             "image at least 40x lower."),
     "lcm-ablation": ("LCM: distilling from the large teacher vs from the compact model itself (issue 5)",
-                     "EdgeFusion's ablation: the same KD student and LCM recipe, with the Shapes teacher or the "
-                     "compact student itself as the frozen ODE-solver teacher (each run had the same 28-minute cap; "
-                     "`training steps` is how far each got). Measured on the previous teacher (5400 steps) and its "
-                     "KD student, before the foreground-weighted stages."),
+                     "EdgeFusion's ablation: the same KD student (the shipped 5000-step `shapes-tiny-lite`) and LCM "
+                     "recipe (800 steps, w in [2, 5], `--foreground-weight 4`, `--keep-best all_correct` on a 2-step check "
+                     "of 96 prompts every 150 s), with the large Shapes teacher or the compact student itself as the "
+                     "frozen ODE-solver teacher. `from-teacher` is the shipped `shapes-lcm`; `training steps` is the "
+                     "step of each run's kept check."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
