@@ -318,3 +318,10 @@ def test_train_recipes_reject_bad_inputs_in_one_line(tiny_folder, tmp_path, caps
     _assert_one_line_error(code, err)
     code, _, err = _run(["train", "clip", "--steps", 0, "--out-dir", tmp_path / "c"], capsys)
     _assert_one_line_error(code, err)
+    code, _, err = _run(["train", "lcm", "--teacher", tiny_folder, "--keep-best", "all_correct", "--monitor-every-s", 0,
+                         "--out-dir", tmp_path / "l"], capsys)
+    _assert_one_line_error(code, err)
+    assert "keep_best needs the monitor" in err
+    code, _, err = _run(["train", "lcm", "--teacher", tiny_folder, "--monitor-steps", 0, "--out-dir", tmp_path / "l"],
+                        capsys)
+    _assert_one_line_error(code, err)
