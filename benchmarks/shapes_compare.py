@@ -28,7 +28,7 @@ RESULTS = ROOT / "docs" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 from pocketdiff.bench.measure import component_call, count_macs, count_params  # noqa: E402
-from pocketdiff.eval.quality import evaluate, markdown_row  # noqa: E402
+from pocketdiff.eval.quality import evaluate, markdown_row, shape_markdown  # noqa: E402
 
 
 def parse_run(text: str) -> dict:
@@ -79,7 +79,12 @@ def markdown(rows: list[dict]) -> str:
                     f"{r['gmacs']:.3f} | {r['unet_ms']:.2f} | "
                     f"{r['unet_ratio']:.2f}x | {r['time_ratio']:.3f}x |")
     quality = [MARKDOWN_HEADER] + [markdown_row(r["label"], r["quality"]) for r in rows]
-    return "\n".join(cost) + "\n\n" + "\n".join(quality)
+    out = "\n".join(cost) + "\n\n" + "\n".join(quality)
+    shaped = [(r["label"], r["quality"]) for r in rows if "by_shape" in r["quality"]]
+    if shaped:  # results written before the checker reported it have no per-shape split
+        out += ("\n\nShape accuracy (%) by the shape the prompt asked for; in brackets, the shape drawn most often "
+                "instead.\n\n" + shape_markdown(shaped))
+    return out
 
 
 def write_card(folder: Path, rows: list[dict], label: str, command: str) -> None:

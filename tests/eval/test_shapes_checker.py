@@ -133,6 +133,13 @@ def test_aggregate_groups_by_count_and_split():
     }
     assert summary["objects_by_split"]["seen"]["n"] == 4
     assert summary["objects_by_split"]["seen"]["shape"] == 0.75
+    # By expected shape: the "square" of the corrupted caption was drawn as a star.
+    assert summary["by_shape"]["square"] == {
+        "n": 1, "present": 1.0, "shape": 0.0, "predicted": {s: int(s == "star") for s in SHAPES},
+    }
+    assert summary["by_shape"]["star"]["n"] == 2 and summary["by_shape"]["star"]["shape"] == 1.0
+    assert summary["by_shape"]["circle"]["predicted"]["circle"] == 2
+    assert summary["by_shape"]["heart"]["n"] == 0 and math.isnan(summary["by_shape"]["heart"]["shape"])
     # Results record the grouping themselves (compared as JSON because NaN != NaN).
     assert json.dumps(aggregate(results)) == json.dumps(summary)
 
@@ -148,3 +155,16 @@ def test_card_quality_survives_a_json_round_trip():
     for x in (r, json.loads(json.dumps(r))):  # counts become strings in JSON
         q = card_quality(x)
         assert q["single_object_all_correct"] == 0.5 and q["heldout_all_correct"] == 0.0 and q["steps"] == 2
+
+
+def test_shape_markdown_names_the_shape_drawn_instead():
+    from pocketdiff.eval.quality import shape_markdown
+
+    scene = Scene((ShapeObject("star", "red", "large", 4),), "white")
+    asked_square = replace_object(scene, 0, shape="square")
+    summary = aggregate([check(render(scene), scene), check(render(scene), asked_square)])
+    table = shape_markdown([("m", summary), ("again", json.loads(json.dumps(summary)))]).splitlines()
+    assert table[0] == "| model | " + " | ".join(SHAPES) + " |" and len(table) == 4
+    cells = dict(zip(SHAPES, table[2].strip("| ").split(" | ")[1:]))
+    assert cells["star"] == "100" and cells["square"] == "0 (star)" and cells["heart"] == "n/a"
+    assert table[3] == table[2].replace("| m |", "| again |")

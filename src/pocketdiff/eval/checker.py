@@ -18,6 +18,7 @@ Position is not judged separately: an object is looked for in the cell the capti
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -196,6 +197,19 @@ def _object_rates(objects: Sequence[dict]) -> dict:
     return rates
 
 
+def _shape_confusion(objects: Sequence[dict]) -> dict:
+    """Per expected shape: how often it was drawn at all ("present"), drawn as itself ("shape"), and
+    what the checker matched instead ("predicted": counts over the drawn ones, one per shape)."""
+    out = {}
+    for name in SHAPES:
+        mine = [o for o in objects if o["expected"]["shape"] == name]
+        drawn = Counter(o["predicted"]["shape"] for o in mine if o["predicted"] is not None)
+        out[name] = {"n": len(mine), "present": _rate([o["present"] for o in mine]),
+                     "shape": _rate([o["shape"] for o in mine]),
+                     "predicted": {s: drawn.get(s, 0) for s in SHAPES}}
+    return out
+
+
 def _scene_rates(results: Sequence[dict]) -> dict:
     """Scene-level rates plus per-object attribute accuracy over those scenes' objects."""
     rates = {"n": len(results)}
@@ -212,8 +226,9 @@ def aggregate(results: Sequence[dict], scenes: Sequence[Scene | str] | None = No
 
     Object attribute rates count a missing object as wrong. A scene is "heldout" when any of
     its objects is a held-out colour-shape pair; "objects_by_split" splits objects by their own
-    pair. `scenes` (the checked scenes or captions, same order) defaults to what each result
-    records. Empty groups have n = 0 and NaN rates.
+    pair; "by_shape" is the confusion of each expected shape. `scenes` (the checked scenes or
+    captions, same order) defaults to what each result records. Empty groups have n = 0 and NaN
+    rates.
     """
     if scenes is not None:
         if len(scenes) != len(results):
@@ -235,4 +250,5 @@ def aggregate(results: Sequence[dict], scenes: Sequence[Scene | str] | None = No
         name: _object_rates([o for o in objects if o["held_out"] == held])
         for name, held in (("seen", False), ("heldout", True))
     }
+    summary["by_shape"] = _shape_confusion(objects)
     return summary

@@ -80,3 +80,19 @@ def _num(x, digits: int) -> str:
 MARKDOWN_HEADER = ("| model | sampler | steps | guidance | all-correct % | 1-object % | seen % | held-out % | colour % | "
                    "shape % | size % | present % | CLIP score | FD | s/image |\n"
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def shape_markdown(named: list[tuple[str, dict]]) -> str:
+    """A table of shape accuracy per expected shape, one row per ``(name, evaluate result)``; each cell is
+    the share drawn as the right shape and, in brackets, the shape drawn most often instead."""
+    shapes = list(named[0][1]["by_shape"])
+    lines = ["| model | " + " | ".join(shapes) + " |", "|---|" + "---|" * len(shapes)]
+    for name, r in named:
+        cells = []
+        for s in shapes:
+            g = r["by_shape"][s]
+            wrong = {k: v for k, v in g["predicted"].items() if k != s and v}
+            instead = f" ({max(wrong, key=wrong.get)})" if wrong else ""
+            cells.append(f"{100 * g['shape']:.0f}{instead}" if g["n"] else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
