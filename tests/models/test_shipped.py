@@ -30,7 +30,7 @@ def test_teacher_card_holds_its_measured_quality():
 
 # Every shipped trained model (the teacher and its compressed stages) and the sampler its scheduler maps to.
 SAMPLER_OF = {"DDIMScheduler": "ddim", "LCMScheduler": "lcm"}
-TRAINED = [n for n in ("shapes-teacher", "shapes-tiny-lite", "shapes-lcm") if n in shipped_models()]
+TRAINED = [n for n in ("shapes-teacher", "shapes-mobile-lite", "shapes-lcm") if n in shipped_models()]
 
 
 @pytest.mark.parametrize("name", TRAINED)

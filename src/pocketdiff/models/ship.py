@@ -3,7 +3,7 @@
 One function for every stage (teacher, KD student, LCM student), so shipping is a command rather than a
 script retyped per session::
 
-    python -m pocketdiff.models.ship runs/kd/model shapes-tiny-lite \\
+    python -m pocketdiff.models.ship runs/kd/model shapes-mobile-lite \\
         --description "..." --recipe "pocketdiff train kd ..." --teacher shapes-teacher
 
 The card keeps the previous card's generation defaults, drops its measured quality (the weights changed,
@@ -68,7 +68,7 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pocketdiff.models.ship", description=__doc__.splitlines()[0])
     p.add_argument("src", help="a trained run's model folder, e.g. runs/kd/model")
-    p.add_argument("name", help="shipped name, e.g. shapes-tiny-lite")
+    p.add_argument("name", help="shipped name, e.g. shapes-mobile-lite")
     p.add_argument("--description", required=True)
     p.add_argument("--recipe", required=True, help="the command(s) that trained it, for the card")
     p.add_argument("--history", help="anything else a reader of the card needs (loss changes, restarts)")
