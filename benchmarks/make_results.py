@@ -204,7 +204,7 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                      "KD students): `mobile` at the shipped learning rate (2e-4, kept check at step 162) and "
                      "`mobile-lowlr` at 5e-5 (kept check at step 91; its 2-step check of 96 prompts read the same "
                      "19/96 from step 91 to 702). `no-lcm` is that student with no LCM training, sampled by the LCM "
-                     "sampler (no CFG call): LCM distillation takes 2-step generation from there to its plateau "
+                     "sampler (with a CFG call at guidance 3, as it has no w-embedding): LCM distillation takes 2-step generation from there to its plateau "
                      "within about 100 steps, and the plateau does not follow the better student. By shape, what the LCM "
                      "students lose against their KD students at 25 steps is mostly the triangle (drawn as a "
                      "diamond at 2 steps)."),
