@@ -86,7 +86,7 @@ def _teacher_from_lcm_comparison() -> dict | None:
 def _teacher_shapes(best: dict) -> list[str]:
     """What limits the teacher: its shape accuracy per asked-for shape (from its own protocol run when that
     recorded it, else from the teacher row of the KD comparison) and the shapes it almost never draws."""
-    from pocketdiff.eval.quality import shape_markdown
+    from pocketdiff.eval.quality import drawn_instead, shape_markdown
 
     where = "the protocol run above"
     if "by_shape" not in best:
@@ -96,14 +96,13 @@ def _teacher_shapes(best: dict) -> list[str]:
             return []
         where = (f"the teacher row of the KD comparison below, {best['steps']} {best['sampler']} steps, "
                  f"guidance {best['guidance']:g}")
-    rare = [(s, max((k for k in g["predicted"] if k != s), key=g["predicted"].get))
-            for s, g in best["by_shape"].items() if g["n"] and g["shape"] < 0.1]
+    rare = [(s, drawn_instead(best, s)) for s, g in best["by_shape"].items() if g["n"] and g["shape"] < 0.1]
     text = [f"\n### Shape accuracy by the shape asked for\n\nFrom {where}; in brackets, the shape drawn most "
             f"often instead. Per object, colour {100 * best['colour']:.0f}%, size {100 * best['size']:.0f}%, present "
             f"{100 * best['present']:.0f}%, shape {100 * best['shape']:.0f}%."]
     if rare:
         text[0] += (" Drawn as themselves in under 10% of objects: "
-                    + ", ".join(f"{s} (drawn as {k})" for s, k in rare)
+                    + ", ".join(s + (f" (drawn as {k})" if k else " (not drawn)") for s, k in rare)
                     + ". Its samples show why: a blob of the right colour, size and place whose outline misses the "
                       "corners and notches that tell these shapes apart.")
     return text + ["", shape_markdown([("shapes-teacher", best)])]

@@ -82,6 +82,12 @@ MARKDOWN_HEADER = ("| model | sampler | steps | guidance | all-correct % | 1-obj
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def drawn_instead(r: dict, shape: str) -> str | None:
+    """The shape drawn most often when an :func:`evaluate` result ``r`` asked for ``shape`` (None: never wrong)."""
+    wrong = {k: v for k, v in r["by_shape"][shape]["predicted"].items() if k != shape and v}
+    return max(wrong, key=wrong.get) if wrong else None
+
+
 def shape_markdown(named: list[tuple[str, dict]]) -> str:
     """A table of shape accuracy per expected shape, one row per ``(name, evaluate result)``; each cell is
     the share drawn as the right shape and, in brackets, the shape drawn most often instead."""
@@ -90,9 +96,10 @@ def shape_markdown(named: list[tuple[str, dict]]) -> str:
     for name, r in named:
         cells = []
         for s in shapes:
-            g = r["by_shape"][s]
-            wrong = {k: v for k, v in g["predicted"].items() if k != s and v}
-            instead = f" ({max(wrong, key=wrong.get)})" if wrong else ""
-            cells.append(f"{100 * g['shape']:.0f}{instead}" if g["n"] else "n/a")
+            if not r["by_shape"][s]["n"]:
+                cells.append("n/a")
+                continue
+            instead = drawn_instead(r, s)
+            cells.append(f"{100 * r['by_shape'][s]['shape']:.0f}" + (f" ({instead})" if instead else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
