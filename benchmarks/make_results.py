@@ -211,8 +211,10 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
               "and dequantizes per call; `dequant` dequantizes once at load (float speed, only the file is "
-              "smaller). Target: all-correct within 1 point of fp32. Measured on the previous teacher (5400 steps) and "
-              "LCM student; the `UNet params` column of the int8 rows predates counting int8 weight buffers."),
+              "smaller). Target: all-correct within 1 point of fp32. Measured on the shipped teacher (6400 steps) and "
+              "`shapes-lcm`. In this run another process shared the CPU during the UNet cost loop, so its ms/step "
+              "column reads about 3x the clean figures of the KD comparison and its ratios are noisy; s/image comes "
+              "from the 500-prompt evaluations, which ran alone."),
 }
 
 
