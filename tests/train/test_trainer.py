@@ -179,3 +179,16 @@ def test_keep_best_names_a_metric_the_monitor_reports(tmp_path):
         t.run()
     with pytest.raises(ValueError, match="monitor_every_s"):
         TrainConfig(keep_best="acc", monitor_every_s=0)
+
+
+def test_param_groups_scale_the_learning_rate_and_drop_frozen_parameters():
+    from pocketdiff.train.trainer import param_groups
+
+    model = torch.nn.ModuleDict({"g": torch.nn.Linear(2, 2), "d": torch.nn.Linear(2, 1), "f": torch.nn.Linear(2, 2)})
+    model["f"].requires_grad_(False)
+    plain = param_groups(model, None, 1e-3)
+    assert len(plain) == 1 and plain[0]["lr"] == 1e-3 and len(plain[0]["params"]) == 4  # the frozen two dropped
+    groups = param_groups(model, [{"params": model["g"].parameters()},
+                                  {"params": model["d"].parameters(), "lr_scale": 10.0},
+                                  {"params": model["f"].parameters()}], 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)] and all(len(g["params"]) == 2 for g in groups)

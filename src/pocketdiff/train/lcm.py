@@ -62,6 +62,12 @@ class LCMRecipe:
     # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
     foreground_threshold: float = 1.0
+    # adversarial term (UFOGen / LADD; see train.adversarial): a discriminator on the teacher's encoder features
+    # judges the student's clean estimate against the real latent, both re-noised to t' < adv_t_max
+    adv_weight: float = 0.0  # weight of the generator term (0: off)
+    adv_t_max: int = 500
+    adv_head_channels: int = 64
+    adv_lr_scale: float = 10.0  # the heads' learning rate over the student's
     monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
     monitor_steps: int = 4  # LCM steps of the monitor's samples
 
@@ -77,6 +83,12 @@ class LCMRecipe:
             raise ValueError("num_ddim_timesteps must be >= 1; lora_rank and time_cond_proj_dim >= 0")
         if not 0.0 <= self.target_decay < 1.0:
             raise ValueError(f"target_decay must be in [0, 1), got {self.target_decay}")
+        self.adversarial()  # validates the adv_* fields
+
+    def adversarial(self):
+        from .adversarial import AdversarialConfig
+
+        return AdversarialConfig(self.adv_weight, self.adv_t_max, self.adv_head_channels, self.adv_lr_scale)
 
 
 # ---- the solver and the consistency function --------------------------------------------------------
@@ -120,11 +132,15 @@ def cfg_output(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: to
 
 
 # ---- the trained modules and the target network -----------------------------------------------------
-def lcm_model(student: torch.nn.Module, target_decay: float) -> torch.nn.ModuleDict:
-    """{"unet": student} plus, when ``target_decay > 0``, its frozen EMA copy "target" (checkpointed with it)."""
+def lcm_model(student: torch.nn.Module, target_decay: float,
+              disc: torch.nn.Module | None = None) -> torch.nn.ModuleDict:
+    """{"unet": student} plus, when ``target_decay > 0``, its frozen EMA copy "target" (checkpointed with it),
+    and the adversarial term's discriminator heads "disc" when given."""
     model = torch.nn.ModuleDict({"unet": student})
     if target_decay > 0:
         model["target"] = copy.deepcopy(student).requires_grad_(False)
+    if disc is not None:
+        model["disc"] = disc
     return model
 
 
@@ -196,8 +212,13 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
 
     ``model`` is :func:`lcm_model`'s ModuleDict; ``schedule`` is the student's (its prediction type),
     ``teacher_prediction`` the teacher's if it differs (the noise schedules must be the same).
-    ``uncond_states``: (1, L, D) text states of the empty prompt.
+    ``uncond_states``: (1, L, D) text states of the empty prompt. With ``recipe.adv_weight > 0`` the model
+    holds discriminator heads ("disc") on the teacher's encoder features, and the loss adds the generator term
+    (weighted) and the discriminator's hinge loss (see :mod:`.adversarial`).
     """
+    from .adversarial import adversarial_terms
+
+    adv = recipe.adversarial()
     t_pred = teacher_prediction or schedule.prediction_type
     s_pred = schedule.prediction_type
     start_grid, end_grid = skipping_grid(schedule, recipe.num_ddim_timesteps)
@@ -233,7 +254,12 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
         d2 = (f_online.float() - f_target.float()).pow(2)
         per = torch.sqrt(d2 + recipe.huber_c**2) - recipe.huber_c if recipe.loss == "huber" else d2
         loss = region_weighted_mean(per, x0, recipe.foreground_weight, recipe.foreground_threshold).mean()
-        return loss, {"mse": float(d2.mean().detach()), "w": float(w.mean())}
+        terms = {"mse": float(d2.mean().detach()), "w": float(w.mean())}
+        if adv.weight > 0:
+            g_loss, d_loss, adv_terms = adversarial_terms(model["disc"], teacher, schedule, adv, f_online, x0, cond, g)
+            loss = loss + adv.weight * g_loss + d_loss
+            terms.update(adv_terms)
+        return loss, terms
 
     return loss_fn
 
@@ -307,7 +333,13 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
                          f"the teacher's text encoder ({text_encoder.config.hidden_size})")
     student = add_lora(source, recipe.lora_rank) if lora else with_w_embedding(source, recipe.time_cond_proj_dim)
     target_decay = 0.0 if lora else recipe.target_decay
-    model = lcm_model(student, target_decay)
+    teacher.requires_grad_(False)  # frozen (the adversarial term backpropagates through it into the fakes)
+    disc = None
+    if recipe.adv_weight > 0:
+        from .adversarial import DiscriminatorHeads, feature_channels
+
+        disc = DiscriminatorHeads(feature_channels(teacher), text_encoder.config.hidden_size, recipe.adv_head_channels)
+    model = lcm_model(student, target_decay, disc)
 
     latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
@@ -322,9 +354,12 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     def monitor(step, m):
         return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
 
+    groups = [{"params": model["unet"].parameters()}]
+    if disc is not None:
+        groups.append({"params": disc.parameters(), "lr_scale": recipe.adv_lr_scale})
     trainer = Trainer(cfg, model, loss_fn,
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=monitor if cfg.monitor_every_s > 0 else None,
+                      monitor=monitor if cfg.monitor_every_s > 0 else None, params=groups,
                       after_step=lambda step, m: update_target(m, target_decay))
     device = trainer.accelerator.device
     teacher.to(device)

@@ -109,6 +109,20 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch, step)
 
 
+def param_groups(model: torch.nn.Module, params, lr: float) -> list[dict]:
+    """AdamW parameter groups: ``params`` (parameters, or groups with an optional ``lr_scale``; default all of
+    ``model``'s), keeping only parameters that require grad."""
+    items = list(params) if params is not None else list(model.parameters())
+    if not items or not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = []
+    for g in items:
+        kept = [p for p in g["params"] if p.requires_grad]
+        if kept:
+            groups.append({"params": kept, "lr": lr * g.get("lr_scale", 1.0)})
+    return groups
+
+
 def steps_card(run_steps: int, init_from: str = "") -> dict:
     """Model-card fields for how much training the saved weights have had.
 
@@ -156,10 +170,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, loss_fn: LossFn, batches: Callable[[int], dict],
                  monitor: Callable[[int, torch.nn.Module], dict] | None = None,
-                 params: Iterable[torch.nn.Parameter] | None = None,
+                 params: Iterable[torch.nn.Parameter] | Iterable[dict] | None = None,
                  after_step: Callable[[int, torch.nn.Module], None] | None = None):
         """``after_step(step, model)`` runs after every optimizer step and EMA update, on the unwrapped model
-        (e.g. LCD's EMA *target* network; keep such state inside ``model`` so checkpoints carry it)."""
+        (e.g. LCD's EMA *target* network; keep such state inside ``model`` so checkpoints carry it).
+
+        ``params``: the trained parameters (default: all of ``model``'s that require grad), or parameter groups
+        ``{"params": [...], "lr_scale": s}`` whose learning rate is ``s * cfg.lr`` on the same schedule
+        (e.g. a discriminator that must learn faster than the generator)."""
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -173,8 +191,8 @@ class Trainer:
             for m in model.modules():
                 if hasattr(m, "enable_gradient_checkpointing"):
                     m.enable_gradient_checkpointing()
-        params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(model, params, cfg.lr), lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(_LossModule(model, loss_fn),
                                                                               self.optimizer, self.scheduler)
