@@ -524,6 +524,15 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train, recipe_cls=LCMRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, LCM_TRAIN),
                    recipe_fields=_add_dataclass_flags(p, LCMRecipe))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    from .train.step import DEFAULT_TRAIN as STEP_TRAIN
+    from .train.step import StepRecipe
+
+    p = recipes.add_parser("step", help="direct step distillation (SnapFusion, CFG-aware) of --student into a "
+                                        "--student-steps DDIM model of the teacher")
+    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
+    p.set_defaults(func=cmd_train, recipe_cls=StepRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, STEP_TRAIN),
+                   recipe_fields=_add_dataclass_flags(p, StepRecipe))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
 
 
 def cmd_train(args) -> int:
@@ -548,6 +557,8 @@ def cmd_train(args) -> int:
         recipe.init_from = str(resolve_component(recipe.init_from))
     if args.recipe == "lcm" and recipe.student != "teacher":
         recipe.student = str(resolve_model(recipe.student))
+    if args.recipe == "step":
+        recipe.student = str(resolve_model(recipe.student or args.teacher))
     resume = not args.no_resume
     try:  # recipes raise ValueError for inputs that do not fit (wrong student, a checkpoint of another model)
         if args.recipe == "vae":
@@ -566,6 +577,10 @@ def cmd_train(args) -> int:
             from .train.kd import train_kd
 
             out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=resume)
+        elif args.recipe == "step":
+            from .train.step import train_step_distill
+
+            out = train_step_distill(cfg, resolve_model(args.teacher), recipe, resume=resume)
         else:
             from .train.lcm import train_lcm
 

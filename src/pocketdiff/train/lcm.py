@@ -276,9 +276,10 @@ def lcm_scheduler_config(teacher_config: dict, schedule: NoiseSchedule, num_ddim
             "original_inference_steps": num_ddim_timesteps, "timestep_scaling": schedule.timestep_scaling}
 
 
-def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance: float, n: int = 48,
-                 steps: int = 4):
-    """Sample fresh prompts with the LCM sampler (``steps`` steps) and score them with the checker."""
+def sampling_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance: float, n: int = 48,
+                     steps: int = 4, sampler: str = "lcm"):
+    """Sample fresh prompts (``steps`` steps of ``sampler``) and score them with the checker: the few-step
+    recipes' (LCM, step distillation) quality check."""
     import numpy as np
 
     from ..data.shapes import IMAGE_SIZE
@@ -292,7 +293,7 @@ def _lcm_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance:
         pipe = make_pipeline(model["unet"], vae, text_encoder, tokenizer, scheduler_config)
         images = []
         for i in range(0, len(prompts), 16):
-            res = pipe(prompts[i:i + 16], steps=steps, sampler="lcm", guidance=guidance, seed=i, height=IMAGE_SIZE,
+            res = pipe(prompts[i:i + 16], steps=steps, sampler=sampler, guidance=guidance, seed=i, height=IMAGE_SIZE,
                        width=IMAGE_SIZE)
             images += [np.asarray(im) for im in res.images]
         s = aggregate([check(im, p) for im, p in zip(images, prompts)])
@@ -348,7 +349,7 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     loss_fn = lcm_loss(teacher, text_encoder, schedule, recipe, uncond, teacher_schedule.prediction_type)
     out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
-    lcm_monitor = _lcm_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance,  # CPU copy
+    lcm_monitor = sampling_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance,  # CPU copy
                                recipe.monitor_n, recipe.monitor_steps)
 
     def monitor(step, m):

@@ -1,0 +1,235 @@
+"""Direct step distillation (SnapFusion, Li et al. 2023, sec. 4): a K-step student matched to the teacher's ODE.
+
+SnapFusion found *direct* distillation (the student's K-step sampler matched to the many-step teacher in one
+stage) better than progressive halving, and made the teacher's target CFG-aware: the teacher's trajectory is
+the classifier-free-guided one at scale ``guidance``, so the student bakes guidance in and runs one UNet call per
+step. Here, for a student grid t_0 > t_1 > ... > t_{K-1} (DDIM, trailing spacing: 999, 499 for K = 2):
+
+  1. **Teacher trajectories** (once, cached in ``out_dir/trajectories``, resumable by chunk): for a caption and a
+     seed, the teacher's guided DPM-Solver++(2M) solve from pure noise to a clean latent with ``teacher_substeps``
+     solver steps per student step, recording the latent at every student grid point: x(t_0) = noise,
+     x(t_1), ..., and the end x_K (clean).
+  2. **Loss**: for a pair and a student step i, the x0 the student must predict so that its DDIM step from
+     x(t_i) lands exactly on the teacher's next point (DDIM solved for x0; on the last step, the end itself):
+     x0* = (x(t_{i+1}) - (sigma'/sigma) x(t_i)) / (alpha' - sigma' alpha / sigma), and the loss is the
+     (optionally object-weighted) MSE between the student's x0 and x0*.
+
+The student runs with pocketdiff's ``ddim`` sampler and diffusers' ``DDIMScheduler`` (trailing spacing, which
+the saved scheduler config sets) at K steps, without a CFG call. A student with a guidance-scale embedding
+(e.g. an LCM) is fed ``guidance - 1`` as the LCM pipelines do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..denoiser import guidance_scale_embedding
+from ..schedule import NoiseSchedule, timestep_grid, to_x0
+from .teacher import check_foreground, region_weighted_mean
+
+
+@dataclass
+class StepRecipe:
+    student: str = ""  # the student's model folder (a KD student, an LCM, or the teacher itself)
+    student_steps: int = 2  # K: the student's DDIM steps (trailing grid)
+    teacher_substeps: int = 4  # the teacher's DPM-Solver++(2M) steps per student step
+    guidance: float = 3.0  # the teacher's CFG scale (the student bakes it in)
+    n_pairs: int = 4000  # cached teacher trajectories (prompts from the training split)
+    foreground_weight: float = 0.0  # extra weight of the loss on object regions (see teacher.TeacherRecipe)
+    foreground_threshold: float = 1.0
+    monitor_n: int = 48
+
+    def __post_init__(self) -> None:
+        check_foreground(self.foreground_weight, self.foreground_threshold)
+        if self.student_steps < 1 or self.teacher_substeps < 1 or self.n_pairs < 1 or self.monitor_n < 1:
+            raise ValueError("student_steps, teacher_substeps, n_pairs and monitor_n must be >= 1")
+        if self.guidance < 1.0:
+            raise ValueError(f"guidance must be >= 1 (1: no guidance), got {self.guidance}")
+
+
+def student_grid(schedule: NoiseSchedule, k: int) -> list[int]:
+    """The student's K timesteps: DDIM with trailing spacing (999, 499 for K = 2 on 1000 steps)."""
+    return [int(t) for t in timestep_grid(schedule, k, "ddim", "trailing")]
+
+
+def teacher_sigmas(schedule: NoiseSchedule, grid: list[int], substeps: int) -> tuple[list[float], list[int]]:
+    """The teacher's VE sigma sequence through every student grid point (``substeps`` solver steps per segment,
+    evenly spaced in t), ending at 0; and the indices of the grid points in it."""
+    ends = grid + [0]
+    ts: list[float] = []
+    marks = []
+    for a, b in zip(ends[:-1], ends[1:]):
+        marks.append(len(ts))
+        ts += [a + (b - a) * j / substeps for j in range(substeps)]
+    sigmas = [float(schedule.t_to_sigma(t)) for t in ts] + [0.0]
+    return sigmas, marks
+
+
+@torch.no_grad()
+def teacher_trajectories(pipe, prompts: list[str], seeds: list[int], grid: list[int], substeps: int,
+                         guidance: float) -> torch.Tensor:
+    """(B, K + 1, C, h, w) VP latents of the teacher's guided DPM-Solver++(2M) solves: at each student grid
+    point, then the clean end. ``pipe``: the teacher's :class:`pocketdiff.pipeline.Pipeline`."""
+    from ..data.shapes import IMAGE_SIZE
+    from ..denoiser import Conditioning
+    from ..sampling import sample_dpmpp_2m
+
+    sigmas, marks = teacher_sigmas(pipe.schedule, grid, substeps)
+    f = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, IMAGE_SIZE // f, IMAGE_SIZE // f)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])  # VP
+    cond = Conditioning(pipe.encode_prompt(prompts), pipe.encode_prompt([""] * len(prompts)), guidance)
+    points: list[torch.Tensor] = []
+
+    def keep(info: dict) -> None:
+        if info["i"] in marks:  # the VE latent at a grid point, stored at VP scale
+            points.append(info["x"] / math.sqrt(1.0 + float(info["sigma"]) ** 2))
+
+    end = sample_dpmpp_2m(pipe.denoiser, noise * math.sqrt(1.0 + sigmas[0] ** 2), sigmas, {"cond": cond}, keep)
+    return torch.stack(points + [end], dim=1)
+
+
+def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: NoiseSchedule, seed: int,
+                        chunk: int = 250) -> tuple[torch.Tensor, list[str]]:
+    """``recipe.n_pairs`` teacher trajectories and their captions, generated by chunks into ``out/trajectories``
+    (each chunk written atomically, so an interrupted generation resumes at its first missing chunk)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from ..data.shapes import caption, sample_scene
+    from ..pipeline import Pipeline
+
+    grid = student_grid(schedule, recipe.student_steps)
+    folder = out / "trajectories"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = {"teacher": str(teacher_dir), "grid": grid, "substeps": recipe.teacher_substeps,
+           "guidance": recipe.guidance, "seed": seed, "chunk": chunk}
+    meta = folder / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()) != key:
+        raise ValueError(f"{folder} holds trajectories of other settings; use another --out-dir")
+    meta.write_text(json.dumps(key))
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 4242])
+    captions = [caption(sample_scene(rng)) for _ in range(recipe.n_pairs)]
+    pipe = None
+    parts = []
+    for c0 in tqdm(range(0, recipe.n_pairs, chunk), desc="teacher trajectories", unit="chunk"):
+        path = folder / f"{c0:07d}.safetensors"
+        if not path.is_file():
+            pipe = pipe or Pipeline.from_folder(teacher_dir, runner="eager")
+            caps = captions[c0:c0 + chunk]
+            xs = torch.cat([teacher_trajectories(pipe, caps[i:i + 25], [seed + c0 + i + j for j in range(len(caps[i:i + 25]))],
+                                                 grid, recipe.teacher_substeps, recipe.guidance)
+                            for i in range(0, len(caps), 25)])
+            tmp = path.with_suffix(".tmp")
+            save_file({"x": xs.contiguous()}, str(tmp))
+            tmp.rename(path)
+        parts.append(load_file(str(path))["x"])
+    return torch.cat(parts), captions
+
+
+def step_batches(traj: torch.Tensor, captions: list[str], tokenizer, grid: list[int], batch_size: int, seed: int):
+    """batches(step) -> a random (trajectory, student step) per row: x at t_i, the next teacher point, the end."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    k = len(grid)
+    times = torch.tensor(grid + [0])
+
+    def batches(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(traj), (batch_size,), generator=g)
+        i = torch.randint(0, k, (batch_size,), generator=g)
+        return {"x": traj[idx, i], "x_next": traj[idx, i + 1], "end": traj[idx, k], "t": times[i],
+                "t_next": times[i + 1], "last": i == k - 1, "input_ids": ids[idx]}
+
+    return batches
+
+
+def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
+                   t_next: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The x0 whose DDIM step t -> t_next from x lands on x_next (on a last step: x_next, the clean end)."""
+    a, s = (v.view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t))
+    a2, s2 = (v.view(-1, 1, 1, 1) for v in schedule.alpha_sigma(t_next))
+    solved = (x_next - (s2 / s) * x) / (a2 - s2 * a / s)
+    return torch.where(last.view(-1, 1, 1, 1), x_next, solved)
+
+
+def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe):
+    """Direct step distillation as a recipe loss ``(model, batch, step) -> (loss, terms)``; model = {"unet"}."""
+
+    def loss_fn(model, batch: dict, step: int):
+        student = model["unet"]
+        x, t = batch["x"], batch["t"]
+        with torch.no_grad():
+            cond = text_encoder(batch["input_ids"])[0]  # (B, L, D)
+            target = ddim_x0_target(schedule, x, batch["x_next"], t, batch["t_next"], batch["last"])
+        dim = getattr(student.config, "time_cond_proj_dim", None)
+        w_emb = guidance_scale_embedding(torch.full((x.shape[0],), recipe.guidance - 1.0), dim) if dim else None
+        out = student(x, t.to(x.device), encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        a, s = (v.view(-1, 1, 1, 1).to(x) for v in schedule.alpha_sigma(t))
+        x0 = to_x0(out, x, a, s, schedule.prediction_type)
+        err = (x0.float() - target.float()).pow(2)
+        loss = region_weighted_mean(err, batch["end"], recipe.foreground_weight, recipe.foreground_threshold).mean()
+        return loss, {"mse": float(err.mean().detach())}
+
+    return loss_fn
+
+
+DEFAULT_TRAIN = dict(out_dir="runs/shapes-step", steps=1000, batch_size=32, lr=1e-4, warmup_steps=50, log_every=50,
+                     checkpoint_every=200, monitor_every_s=300, ema_decay=0.999)
+
+
+def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True) -> Path:
+    """Distil ``recipe.student`` into a ``student_steps``-step DDIM model of the teacher; writes ``out_dir/model``."""
+    from ..folder import load_components, save_components
+    from .lcm import sampling_monitor
+    from .trainer import Trainer, export_card
+
+    if not recipe.student:
+        raise ValueError("step distillation needs a student folder (--student FOLDER)")
+    parts = load_components(teacher_dir)
+    text_encoder, tokenizer, vae = parts["text_encoder"], parts["tokenizer"], parts["vae"]
+    student_parts = load_components(recipe.student)
+    student_schedule = NoiseSchedule.from_config(student_parts["scheduler_config"])
+    schedule = NoiseSchedule.from_config({**parts["scheduler_config"],
+                                          "prediction_type": student_schedule.prediction_type})
+    if not (schedule.alphas_cumprod == student_schedule.alphas_cumprod).all():
+        raise ValueError(f"{recipe.student}: its noise schedule differs from the teacher's; step distillation needs "
+                         "the same one")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    traj, captions = cached_trajectories(out, teacher_dir, recipe, schedule, cfg.seed)
+    grid = student_grid(schedule, recipe.student_steps)
+    model = torch.nn.ModuleDict({"unet": copy.deepcopy(student_parts["unet"]).train().requires_grad_(True)})
+    text_encoder.requires_grad_(False)
+    sched_cfg = {**parts["scheduler_config"], "_class_name": "DDIMScheduler",
+                 "prediction_type": schedule.prediction_type, "timestep_spacing": "trailing"}
+    guidance = recipe.guidance if getattr(model["unet"].config, "time_cond_proj_dim", None) else 1.0
+    monitor = sampling_monitor(vae, tokenizer, copy.deepcopy(text_encoder), sched_cfg, guidance, recipe.monitor_n,
+                               recipe.student_steps, sampler="ddim")
+    trainer = Trainer(cfg, model, step_loss(text_encoder, schedule, recipe),
+                      step_batches(traj, captions, tokenizer, grid, cfg.batch_size, cfg.seed),
+                      monitor=monitor if cfg.monitor_every_s > 0 else None)
+    text_encoder.to(trainer.accelerator.device)
+    trainer.run(resume=resume)
+    folder = out / "model"
+    if not trainer.accelerator.is_main_process:
+        return folder
+    text_encoder.cpu()
+    final_model, chosen = trainer.final_model()
+    card = {"description": f"{recipe.student_steps}-step student of {Path(teacher_dir).name} by direct step "
+                           f"distillation (CFG {recipe.guidance} baked in)",
+            "trained": True, **export_card(chosen), "teacher": str(teacher_dir), "student": recipe.student,
+            "recipe": asdict(recipe), "defaults": {"steps": recipe.student_steps, "sampler": "ddim",
+                                                   "guidance": guidance}}
+    save_components(folder, final_model["unet"].cpu().eval(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
+                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    return folder

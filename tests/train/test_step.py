@@ -1,0 +1,93 @@
+"""Direct step distillation: the teacher's trajectories pass through the student's grid, the DDIM x0 target
+lands on the teacher's next point, and a distilled folder runs in pocketdiff and diffusers' DDIMScheduler."""
+
+import json
+
+import pytest
+import torch
+
+from pocketdiff.models.tiny import tiny_components
+from pocketdiff.schedule import NoiseSchedule
+from pocketdiff.train.lcm import ddim_step
+from pocketdiff.train.step import (StepRecipe, ddim_x0_target, student_grid, teacher_sigmas,
+                                   teacher_trajectories)
+
+
+def _schedule():
+    return NoiseSchedule.from_config(tiny_components(0, prediction_type="v_prediction")["scheduler_config"])
+
+
+def test_grid_and_teacher_sigmas_pass_through_the_student_grid():
+    schedule = _schedule()
+    assert student_grid(schedule, 2) == [999, 499] and student_grid(schedule, 1) == [999]
+    sigmas, marks = teacher_sigmas(schedule, [999, 499], 3)
+    assert len(sigmas) == 7 and sigmas[-1] == 0.0 and marks == [0, 3]
+    assert sigmas[0] == pytest.approx(float(schedule.t_to_sigma(999)))
+    assert sigmas[3] == pytest.approx(float(schedule.t_to_sigma(499)))
+    assert all(a > b for a, b in zip(sigmas[:-1], sigmas[1:]))
+
+
+def test_x0_target_makes_the_ddim_step_land_on_the_teacher_point():
+    schedule = _schedule()
+    g = torch.Generator().manual_seed(0)
+    x, x_next = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, t_next = torch.tensor([999, 499, 499]), torch.tensor([499, 0, 0])
+    last = torch.tensor([False, False, True])
+    x0 = ddim_x0_target(schedule, x, x_next, t, t_next, last)
+    landed = ddim_step(schedule, x0, x, t, t_next, "sample")  # a DDIM step with x0 as the model output
+    assert (landed[:2] - x_next[:2]).abs().max() < 1e-4
+    assert torch.equal(x0[2], x_next[2])  # the last step's target is the clean end itself
+
+
+def test_trajectories_start_at_the_noise_and_match_a_full_teacher_solve(tmp_path):
+    from pocketdiff.folder import save_components
+    from pocketdiff.pipeline import Pipeline
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    save_components(tmp_path / "t", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    pipe = Pipeline.from_folder(tmp_path / "t", runner="eager")
+    traj = teacher_trajectories(pipe, ["a small red star"], [5], [999, 499], 2, 3.0)
+    assert traj.shape[:2] == (1, 3) and torch.isfinite(traj).all()
+    from pocketdiff.data.shapes import IMAGE_SIZE
+
+    f = pipe.vae_scale_factor
+    noise = torch.randn((4, IMAGE_SIZE // f, IMAGE_SIZE // f), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(traj[0, 0], noise, atol=1e-5)  # x(999) is the VP noise
+    assert not torch.allclose(traj[0, 1], traj[0, 2])
+
+
+@pytest.mark.parametrize("bad", [{"student_steps": 0}, {"guidance": 0.5}, {"foreground_weight": -1.0}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        StepRecipe(**bad)
+
+
+def test_distilled_folder_runs_in_pocketdiff_and_diffusers(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pocketdiff.folder import save_components
+    from pocketdiff.pipeline import Pipeline
+    from pocketdiff.train.step import train_step_distill
+    from pocketdiff.train.trainer import TrainConfig
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    teacher = tmp_path / "teacher"
+    save_components(teacher, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
+                      checkpoint_every=100, ema_decay=0.9, monitor_every_s=0)
+    recipe = StepRecipe(student=str(teacher), n_pairs=3, teacher_substeps=2)
+    folder = train_step_distill(cfg, teacher, recipe, resume=False)
+    card = json.loads((folder / "pocketdiff.json").read_text())
+    assert card["defaults"] == {"steps": 2, "sampler": "ddim", "guidance": 1.0} and card["steps_trained"] == 2
+    assert len(list((tmp_path / "run" / "trajectories").glob("*.safetensors"))) == 1
+    ours = Pipeline.from_folder(folder, runner="eager")
+    gens = [torch.Generator().manual_seed(3)]
+    got = ours(["a small red star"], steps=2, sampler="ddim", guidance=1.0, generator=gens, height=32, width=32,
+               output_type="latent").latents
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    assert isinstance(ref.scheduler, DDIMScheduler) and ref.scheduler.config.timestep_spacing == "trailing"
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(["a small red star"], num_inference_steps=2, guidance_scale=1.0,
+                   generator=[torch.Generator().manual_seed(3)], height=32, width=32, output_type="latent").images
+    assert (got - expected).abs().max().item() <= 1e-4
