@@ -325,3 +325,14 @@ def test_train_recipes_reject_bad_inputs_in_one_line(tiny_folder, tmp_path, caps
     code, _, err = _run(["train", "lcm", "--teacher", tiny_folder, "--monitor-steps", 0, "--out-dir", tmp_path / "l"],
                         capsys)
     _assert_one_line_error(code, err)
+    code, _, err = _run(["train", "lcm", "--teacher", tiny_folder, "--adv-weight", -1, "--out-dir", tmp_path / "l"],
+                        capsys)
+    _assert_one_line_error(code, err)
+    assert "adversarial" in err
+    code, _, err = _run(["train", "step", "--teacher", tiny_folder, "--target", "bogus", "--out-dir", tmp_path / "s"],
+                        capsys)
+    _assert_one_line_error(code, err)
+    assert "segment or rollout" in err
+    code, _, err = _run(["train", "step", "--teacher", tiny_folder, "--student", "nope", "--out-dir", tmp_path / "s"],
+                        capsys)
+    _assert_one_line_error(code, err)

@@ -91,3 +91,46 @@ def test_distilled_folder_runs_in_pocketdiff_and_diffusers(tmp_path):
     expected = ref(["a small red star"], num_inference_steps=2, guidance_scale=1.0,
                    generator=[torch.Generator().manual_seed(3)], height=32, width=32, output_type="latent").images
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_rollout_runs_the_student_chain_and_equals_segment_for_one_step():
+    from pocketdiff.train.step import step_batches, step_loss
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    schedule = NoiseSchedule.from_config(c["scheduler_config"])
+    enc = c["text_encoder"].requires_grad_(False)
+    traj = torch.randn(6, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    tok = c["tokenizer"]
+    model = torch.nn.ModuleDict({"unet": c["unet"].requires_grad_(True)})
+    # K = 1: the rollout is the one segment from the noise to the end
+    one = traj[:, [0, 2]]
+    seg = step_loss(enc, schedule, StepRecipe(student_steps=1), [999])
+    roll = step_loss(enc, schedule, StepRecipe(student_steps=1, target="rollout"), [999])
+    b1 = step_batches(one, ["a red star"] * 6, tok, [999], 3, 0)(0)
+    b2 = step_batches(one, ["a red star"] * 6, tok, [999], 3, 0, rollout=True)(0)
+    (l1, _), (l2, _) = seg(model, b1, 0), roll(model, b2, 0)
+    assert torch.allclose(l1, l2)
+    # K = 2: every row starts at the noise, and the gradient flows through both student calls
+    batch = step_batches(traj, ["a red star"] * 6, tok, [999, 499], 3, 0, rollout=True)(1)
+    assert torch.equal(batch["t"], torch.full((3,), 999))
+    loss, _ = step_loss(enc, schedule, StepRecipe(target="rollout"), [999, 499])(model, batch, 1)
+    loss.backward()
+    assert all(p.grad is not None for p in model["unet"].parameters() if p.requires_grad)
+
+
+def test_trajectory_chunks_resume_and_refuse_other_settings(tmp_path):
+    from pocketdiff.folder import save_components
+    from pocketdiff.train.step import cached_trajectories
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    save_components(tmp_path / "t", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    schedule = NoiseSchedule.from_config(c["scheduler_config"])
+    recipe = StepRecipe(student=str(tmp_path / "t"), n_pairs=3, teacher_substeps=1)
+    first, caps = cached_trajectories(tmp_path / "run", tmp_path / "t", recipe, schedule, 0, chunk=2)
+    chunks = sorted((tmp_path / "run" / "trajectories").glob("*.safetensors"))
+    assert first.shape[:2] == (3, 3) and len(caps) == 3 and len(chunks) == 2
+    chunks[1].unlink()  # as if killed before the last chunk was written
+    again, caps2 = cached_trajectories(tmp_path / "run", tmp_path / "t", recipe, schedule, 0, chunk=2)
+    assert caps2 == caps and torch.allclose(again, first, atol=1e-6)
+    with pytest.raises(ValueError, match="other settings"):
+        cached_trajectories(tmp_path / "run", tmp_path / "t", StepRecipe(n_pairs=3, guidance=5.0), schedule, 0, chunk=2)
