@@ -218,8 +218,10 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                  "noise, its end matched to the teacher's end; lr 5e-5, 20 minutes). `lcm-teacher-size` is the LCM "
                  "recipe with the teacher's own architecture as the student (`--student teacher`, 8.77 M, w in "
                  "[2, 5], `--foreground-weight 4`, lr 1e-4, best 2-step check kept); it is 2.5x the compact "
-                 "student's UNet cost, so it shows whether capacity is what the compact 2-step models lack. "
-                 "`training steps` is each run's kept step (for `step-2` and `rollout-2`, of that run only)."),
+                 "student's UNet cost, so it shows whether capacity is what the compact 2-step models lack; "
+                 "`step-teacher-size-2` is that LCM trained further by the same step distillation as `step-2` "
+                 "(20 minutes). `training steps` is each run's kept step (for the step-distilled rows, of that run "
+                 "only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
