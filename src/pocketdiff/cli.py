@@ -488,51 +488,40 @@ def _add_train(sub) -> None:
 
     train = sub.add_parser("train", help="training recipes (resumable; Ctrl-C saves a checkpoint)")
     recipes = train.add_subparsers(dest="recipe", required=True, parser_class=_Parser)
-    p = recipes.add_parser("vae", help="the Shapes AutoencoderKL (checked by the checker on reconstructions)")
-    p.set_defaults(func=cmd_train, recipe_cls=VAERecipe,
-                   train_fields=_add_dataclass_flags(p, TrainConfig, VAE_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, VAERecipe))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p = recipes.add_parser("teacher", help="the Shapes teacher: SD-style UNet + CLIP text encoder on VAE latents")
-    p.add_argument("--vae", default="shapes-vae",
-                   help="a trained VAE folder (`train vae` writes OUT/vae) or a shipped one (default: shapes-vae)")
-    p.set_defaults(func=cmd_train, recipe_cls=TeacherRecipe,
-                   train_fields=_add_dataclass_flags(p, TrainConfig, TEACHER_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, TeacherRecipe))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+
+    def add_recipe(name: str, about: str, recipe_cls, train_defaults: dict, teacher: bool = False):
+        """A recipe's subcommand: --teacher (distillation recipes), its TrainConfig and recipe flags, --no-resume."""
+        p = recipes.add_parser(name, help=about)
+        if teacher:
+            p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
+        p.set_defaults(func=cmd_train, recipe_cls=recipe_cls,
+                       train_fields=_add_dataclass_flags(p, TrainConfig, train_defaults),
+                       recipe_fields=_add_dataclass_flags(p, recipe_cls))
+        p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+        return p
+
     from .eval.clip import DEFAULT_TRAIN as CLIP_TRAIN
     from .eval.clip import ClipConfig
-
-    p = recipes.add_parser("clip", help="the domain CLIP (image/text dual encoder) behind eval's CLIP score and FD")
-    p.set_defaults(func=cmd_train, recipe_cls=ClipConfig, train_fields=_add_dataclass_flags(p, TrainConfig, CLIP_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, ClipConfig))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     from .train.kd import DEFAULT_TRAIN as KD_TRAIN
     from .train.kd import KDRecipe
-
-    p = recipes.add_parser("kd", help="knowledge distillation of a compact UNet (BK-SDM) from a teacher folder")
-    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
-    p.set_defaults(func=cmd_train, recipe_cls=KDRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, KD_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, KDRecipe))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     from .train.lcm import DEFAULT_TRAIN as LCM_TRAIN
     from .train.lcm import LCMRecipe
-
-    p = recipes.add_parser("lcm", help="latent consistency distillation (LCM, or LCM-LoRA with --lora-rank) from a "
-                                       "teacher folder; --student teacher|FOLDER")
-    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
-    p.set_defaults(func=cmd_train, recipe_cls=LCMRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, LCM_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, LCMRecipe))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     from .train.step import DEFAULT_TRAIN as STEP_TRAIN
     from .train.step import StepRecipe
 
-    p = recipes.add_parser("step", help="direct step distillation (SnapFusion, CFG-aware) of --student into a "
-                                        "--student-steps DDIM model of the teacher")
-    p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
-    p.set_defaults(func=cmd_train, recipe_cls=StepRecipe, train_fields=_add_dataclass_flags(p, TrainConfig, STEP_TRAIN),
-                   recipe_fields=_add_dataclass_flags(p, StepRecipe))
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    add_recipe("vae", "the Shapes AutoencoderKL (checked by the checker on reconstructions)", VAERecipe, VAE_TRAIN)
+    p = add_recipe("teacher", "the Shapes teacher: SD-style UNet + CLIP text encoder on VAE latents", TeacherRecipe,
+                   TEACHER_TRAIN)
+    p.add_argument("--vae", default="shapes-vae",
+                   help="a trained VAE folder (`train vae` writes OUT/vae) or a shipped one (default: shapes-vae)")
+    add_recipe("clip", "the domain CLIP (image/text dual encoder) behind eval's CLIP score and FD", ClipConfig,
+               CLIP_TRAIN)
+    add_recipe("kd", "knowledge distillation of a compact UNet (BK-SDM) from a teacher folder", KDRecipe, KD_TRAIN,
+               teacher=True)
+    add_recipe("lcm", "latent consistency distillation (LCM, or LCM-LoRA with --lora-rank) from a teacher folder; "
+                      "--student teacher|FOLDER", LCMRecipe, LCM_TRAIN, teacher=True)
+    add_recipe("step", "direct step distillation (SnapFusion, CFG-aware) of --student into a --student-steps DDIM "
+                       "model of the teacher", StepRecipe, STEP_TRAIN, teacher=True)
 
 
 def cmd_train(args) -> int:

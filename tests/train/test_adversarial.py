@@ -81,24 +81,18 @@ def test_bad_adversarial_settings_are_refused(bad):
         LCMRecipe(**bad)
 
 
-def test_train_lcm_with_the_term_exports_only_the_student(tmp_path):
+def test_train_lcm_with_the_term_exports_only_the_student(teacher_folder, tmp_path, train_cfg):
     """The heads train and are checkpointed (resume is exact), but the exported folder is the plain student."""
     import json
 
     from safetensors.torch import load_file
 
-    from pocketdiff.folder import save_components
     from pocketdiff.pipeline import Pipeline
     from pocketdiff.train.lcm import train_lcm
-    from pocketdiff.train.trainer import TrainConfig
 
-    c = tiny_components(0, prediction_type="v_prediction")
-    teacher_dir = tmp_path / "teacher"
-    save_components(teacher_dir, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
-                      checkpoint_every=100, ema_decay=0.9, monitor_every_s=0)
+    cfg = train_cfg(tmp_path / "run", steps=2)
     recipe = LCMRecipe(pool_size=4, time_cond_proj_dim=8, adv_weight=0.5, adv_head_channels=8)
-    folder = train_lcm(cfg, teacher_dir, recipe, resume=False)
+    folder = train_lcm(cfg, teacher_folder, recipe, resume=False)
     checkpoint = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert any(k.startswith("disc.") for k in checkpoint)
     exported = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))

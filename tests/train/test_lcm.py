@@ -137,23 +137,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert moved  # the target followed the student
 
 
-# ---- end to end on a saved tiny teacher folder ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory):
-    from pocketdiff.folder import save_components
-
-    c = tiny_components(0, prediction_type="v_prediction")
-    path = tmp_path_factory.mktemp("lcm") / "teacher"
-    save_components(path, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    return path
-
-
-def _cfg(out_dir, steps=3, **kw):
-    kw = {"monitor_every_s": 0, **kw}
-    return TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
-                       checkpoint_every=100, ema_decay=0.9, **kw)
-
-
+# ---- end to end on a saved tiny teacher folder (conftest: teacher_folder, train_cfg) ---------------------
 def _gens():
     return [torch.Generator().manual_seed(10 + i) for i in range(len(PROMPTS))]
 
@@ -164,13 +148,13 @@ def _diffusers_latents(pipe, guidance):
                 output_type="latent").images
 
 
-def test_train_lcm_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_path):
+def test_train_lcm_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_path, train_cfg):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from pocketdiff.pipeline import Pipeline
     from pocketdiff.train.lcm import train_lcm
 
-    folder = train_lcm(_cfg(tmp_path), teacher_folder, LCMRecipe(pool_size=4, time_cond_proj_dim=8), resume=False)
+    folder = train_lcm(train_cfg(tmp_path), teacher_folder, LCMRecipe(pool_size=4, time_cond_proj_dim=8), resume=False)
     card = json.loads((folder / "pocketdiff.json").read_text())
     assert card["defaults"] == {"steps": 4, "sampler": "lcm", "guidance": 9.0} and card["steps_trained"] == 3
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -187,7 +171,7 @@ def test_train_lcm_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_p
     assert torch.isfinite(got).all() and (got - expected).abs().max().item() <= 1e-4
 
 
-def test_compact_student_from_its_own_folder(teacher_folder, tmp_path):
+def test_compact_student_from_its_own_folder(teacher_folder, tmp_path, train_cfg):
     """EdgeFusion-style: the student has another architecture (and here another prediction type)."""
     from pocketdiff.folder import load_components, save_components
     from pocketdiff.models.presets import unet_from_config
@@ -206,7 +190,7 @@ def test_compact_student_from_its_own_folder(teacher_folder, tmp_path):
     recipe = LCMRecipe(student=str(student_dir), pool_size=4, time_cond_proj_dim=8, loss="l2", monitor_n=2,
                        monitor_steps=2)
     # a 2-step check after every step; the export is the best-checked EMA weights, and its card says which
-    cfg = _cfg(tmp_path / "run", steps=2, monitor_every_s=1e-9, keep_best="all_correct")
+    cfg = train_cfg(tmp_path / "run", steps=2, monitor_every_s=1e-9, keep_best="all_correct")
     folder = train_lcm(cfg, teacher_folder, recipe, resume=False)
     card = json.loads((folder / "pocketdiff.json").read_text())
     checks = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -220,7 +204,7 @@ def test_compact_student_from_its_own_folder(teacher_folder, tmp_path):
     assert torch.isfinite(got).all()
 
 
-def test_lcm_lora_trains_only_the_adapter(teacher_folder, tmp_path):
+def test_lcm_lora_trains_only_the_adapter(teacher_folder, tmp_path, train_cfg):
     pytest.importorskip("peft")
     from diffusers import LCMScheduler, StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -235,13 +219,13 @@ def test_lcm_lora_trains_only_the_adapter(teacher_folder, tmp_path):
     assert trainable and all(".lora_" in n for n in trainable)
     recipe = LCMRecipe(lora_rank=2)
     model = lcm_model(student, 0.0)
-    cfg = _cfg(tmp_path / "unit", steps=1)
+    cfg = train_cfg(tmp_path / "unit", steps=1)
     trainer = Trainer(cfg, model, lcm_loss(teacher, text_encoder, schedule, recipe, uncond), _batches)
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(trainable)
 
     from pocketdiff.train.lcm import train_lcm
 
-    folder = train_lcm(_cfg(tmp_path / "run"), teacher_folder, LCMRecipe(pool_size=4, lora_rank=2), resume=False)
+    folder = train_lcm(train_cfg(tmp_path / "run"), teacher_folder, LCMRecipe(pool_size=4, lora_rank=2), resume=False)
     weights = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     assert weights and all("lora" in k for k in weights)
     assert json.loads((folder / "pocketdiff.json").read_text())["defaults"]["guidance"] == 1.0

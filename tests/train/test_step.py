@@ -39,13 +39,10 @@ def test_x0_target_makes_the_ddim_step_land_on_the_teacher_point():
     assert torch.equal(x0[2], x_next[2])  # the last step's target is the clean end itself
 
 
-def test_trajectories_start_at_the_noise_and_match_a_full_teacher_solve(tmp_path):
-    from pocketdiff.folder import save_components
+def test_trajectories_start_at_the_noise_and_match_a_full_teacher_solve(teacher_folder):
     from pocketdiff.pipeline import Pipeline
 
-    c = tiny_components(0, prediction_type="v_prediction")
-    save_components(tmp_path / "t", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    pipe = Pipeline.from_folder(tmp_path / "t", runner="eager")
+    pipe = Pipeline.from_folder(teacher_folder, runner="eager")
     traj = teacher_trajectories(pipe, ["a small red star"], [5], [999, 499], 2, 3.0)
     assert traj.shape[:2] == (1, 3) and torch.isfinite(traj).all()
     from pocketdiff.data.shapes import IMAGE_SIZE
@@ -62,21 +59,14 @@ def test_bad_settings_are_refused(bad):
         StepRecipe(**bad)
 
 
-def test_distilled_folder_runs_in_pocketdiff_and_diffusers(tmp_path):
+def test_distilled_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_path, train_cfg):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from pocketdiff.folder import save_components
     from pocketdiff.pipeline import Pipeline
     from pocketdiff.train.step import train_step_distill
-    from pocketdiff.train.trainer import TrainConfig
 
-    c = tiny_components(0, prediction_type="v_prediction")
-    teacher = tmp_path / "teacher"
-    save_components(teacher, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
-                      checkpoint_every=100, ema_decay=0.9, monitor_every_s=0)
-    recipe = StepRecipe(student=str(teacher), n_pairs=3, teacher_substeps=2)
-    folder = train_step_distill(cfg, teacher, recipe, resume=False)
+    recipe = StepRecipe(student=str(teacher_folder), n_pairs=3, teacher_substeps=2)
+    folder = train_step_distill(train_cfg(tmp_path / "run", steps=2), teacher_folder, recipe, resume=False)
     card = json.loads((folder / "pocketdiff.json").read_text())
     assert card["defaults"] == {"steps": 2, "sampler": "ddim", "guidance": 1.0} and card["steps_trained"] == 2
     assert len(list((tmp_path / "run" / "trajectories").glob("*.safetensors"))) == 1
@@ -118,19 +108,16 @@ def test_rollout_runs_the_student_chain_and_equals_segment_for_one_step():
     assert all(p.grad is not None for p in model["unet"].parameters() if p.requires_grad)
 
 
-def test_trajectory_chunks_resume_and_refuse_other_settings(tmp_path):
-    from pocketdiff.folder import save_components
+def test_trajectory_chunks_resume_and_refuse_other_settings(teacher_folder, tmp_path):
     from pocketdiff.train.step import cached_trajectories
 
-    c = tiny_components(0, prediction_type="v_prediction")
-    save_components(tmp_path / "t", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    schedule = NoiseSchedule.from_config(c["scheduler_config"])
-    recipe = StepRecipe(student=str(tmp_path / "t"), n_pairs=3, teacher_substeps=1)
-    first, caps = cached_trajectories(tmp_path / "run", tmp_path / "t", recipe, schedule, 0, chunk=2)
+    schedule = _schedule()
+    recipe = StepRecipe(student=str(teacher_folder), n_pairs=3, teacher_substeps=1)
+    first, caps = cached_trajectories(tmp_path / "run", teacher_folder, recipe, schedule, 0, chunk=2)
     chunks = sorted((tmp_path / "run" / "trajectories").glob("*.safetensors"))
     assert first.shape[:2] == (3, 3) and len(caps) == 3 and len(chunks) == 2
     chunks[1].unlink()  # as if killed before the last chunk was written
-    again, caps2 = cached_trajectories(tmp_path / "run", tmp_path / "t", recipe, schedule, 0, chunk=2)
+    again, caps2 = cached_trajectories(tmp_path / "run", teacher_folder, recipe, schedule, 0, chunk=2)
     assert caps2 == caps and torch.allclose(again, first, atol=1e-6)
     with pytest.raises(ValueError, match="other settings"):
-        cached_trajectories(tmp_path / "run", tmp_path / "t", StepRecipe(n_pairs=3, guidance=5.0), schedule, 0, chunk=2)
+        cached_trajectories(tmp_path / "run", teacher_folder, StepRecipe(n_pairs=3, guidance=5.0), schedule, 0, chunk=2)
