@@ -336,3 +336,10 @@ def test_train_recipes_reject_bad_inputs_in_one_line(tiny_folder, tmp_path, caps
     code, _, err = _run(["train", "step", "--teacher", tiny_folder, "--student", "nope", "--out-dir", tmp_path / "s"],
                         capsys)
     _assert_one_line_error(code, err)
+    code, _, err = _run(["train", "decoder", "--teacher", tiny_folder, "--width", 0.3, "--out-dir", tmp_path / "d"],
+                        capsys)
+    _assert_one_line_error(code, err)
+    assert "whole numbers" in err
+    code, _, err = _run(["train", "decoder", "--teacher", tiny_folder, "--generator", "nope", "--out-dir",
+                         tmp_path / "d"], capsys)
+    _assert_one_line_error(code, err)

@@ -502,6 +502,8 @@ def _add_train(sub) -> None:
 
     from .eval.clip import DEFAULT_TRAIN as CLIP_TRAIN
     from .eval.clip import ClipConfig
+    from .train.decoder import DEFAULT_TRAIN as DECODER_TRAIN
+    from .train.decoder import DecoderRecipe
     from .train.kd import DEFAULT_TRAIN as KD_TRAIN
     from .train.kd import KDRecipe
     from .train.lcm import DEFAULT_TRAIN as LCM_TRAIN
@@ -522,6 +524,8 @@ def _add_train(sub) -> None:
                       "--student teacher|FOLDER", LCMRecipe, LCM_TRAIN, teacher=True)
     add_recipe("step", "direct step distillation (SnapFusion, CFG-aware) of --student into a --student-steps DDIM "
                        "model of the teacher", StepRecipe, STEP_TRAIN, teacher=True)
+    add_recipe("decoder", "a channel-pruned VAE distilled from the teacher's on --generator's latents (SnapFusion); "
+                          "writes OUT/vae and OUT/model", DecoderRecipe, DECODER_TRAIN, teacher=True)
 
 
 def cmd_train(args) -> int:
@@ -548,6 +552,8 @@ def cmd_train(args) -> int:
         recipe.student = str(resolve_model(recipe.student))
     if args.recipe == "step":
         recipe.student = str(resolve_model(recipe.student or args.teacher))
+    if args.recipe == "decoder" and recipe.generator:
+        recipe.generator = str(resolve_model(recipe.generator))
     resume = not args.no_resume
     try:  # recipes raise ValueError for inputs that do not fit (wrong student, a checkpoint of another model)
         if args.recipe == "vae":
@@ -566,6 +572,10 @@ def cmd_train(args) -> int:
             from .train.kd import train_kd
 
             out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=resume)
+        elif args.recipe == "decoder":
+            from .train.decoder import train_decoder
+
+            out = train_decoder(cfg, resolve_model(args.teacher), recipe, resume=resume)
         elif args.recipe == "step":
             from .train.step import train_step_distill
 

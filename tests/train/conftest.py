@@ -21,8 +21,8 @@ def train_cfg():
     from pocketdiff.train.trainer import TrainConfig
 
     def make(out_dir, steps: int = 3, **kw):
-        kw = {"monitor_every_s": 0, **kw}
-        return TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, log_every=1,
-                           checkpoint_every=100, ema_decay=0.9, **kw)
+        kw = {"monitor_every_s": 0, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+              "checkpoint_every": 100, "ema_decay": 0.9, **kw}
+        return TrainConfig(out_dir=str(out_dir), steps=steps, **kw)
 
     return make

@@ -93,8 +93,10 @@ def vae_loss(recipe: VAERecipe):
 
 
 @torch.no_grad()
-def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "all") -> dict:
-    """Checker scores and PSNR of the VAE's reconstructions of ``n`` fresh renders (posterior mean)."""
+def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "all", encoder=None) -> dict:
+    """Checker scores and PSNR of the VAE's reconstructions of ``n`` fresh renders (posterior mean).
+
+    ``encoder``: another VAE whose encoder makes the latents (e.g. a pruned decoder's teacher)."""
     from ..eval.checker import aggregate, check
 
     rng = np.random.default_rng(seed)
@@ -102,7 +104,7 @@ def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "a
     recon = []
     for i in range(0, n, 64):
         x = to_pixels(images[i:i + 64])
-        recon.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mode()).sample))
+        recon.append(to_uint8(vae.decode((encoder or vae).encode(x).latent_dist.mode()).sample))
     recon = np.concatenate(recon)
     mse = ((recon.astype(np.float64) - images) ** 2).mean()
     summary = aggregate([check(r, s) for r, s in zip(recon, scenes)])
