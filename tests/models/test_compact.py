@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from pocketdiff.models import presets
 from pocketdiff.models.compact import (BK_INHERITANCE, BK_VARIANTS, COMPACT_PRESETS, bk_sdm_config,
                                        drop_highest_res_attention, init_student_from_teacher, inheritance_map,
-                                       mobile_config, resolve)
+                                       INHERIT_VARIANTS, mobile_config, resolve)
 from pocketdiff.models.presets import SD15_UNET
 from pocketdiff.train.teacher import SHAPES_UNET
 
@@ -125,8 +125,9 @@ def test_inheritance_map_is_data_and_resolves_at_sd_scale(variant):
 
 
 def test_presets_registered():
-    assert set(COMPACT_PRESETS) == {"bk-base", "bk-small", "bk-tiny", "bk-tiny-lite", "mobile", "mobile-lite"}
-    assert set(BK_INHERITANCE) <= set(COMPACT_PRESETS) and set(BK_INHERITANCE.values()) <= set(BK_VARIANTS)
+    assert set(COMPACT_PRESETS) == {"teacher-lite", "bk-base", "bk-small", "bk-tiny", "bk-tiny-lite", "mobile",
+                                    "mobile-lite"}
+    assert set(BK_INHERITANCE) <= set(COMPACT_PRESETS) and set(BK_INHERITANCE.values()) <= set(INHERIT_VARIANTS)
     for name in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "mobile-sd"):
         assert presets.ARCH_PRESETS[name][0] == "unet"
     with accelerate.init_empty_weights():
@@ -149,6 +150,19 @@ def test_tiny_lite_is_tiny_less_its_highest_resolution_attention_and_inherits_ev
     assert removed > 0 and n_params(lite) == n_params(tiny) - removed
     report = init_student_from_teacher(lite, meta_unet(SD15_UNET), BK_INHERITANCE["bk-tiny-lite"])
     assert report["skipped"] == {} and set(report["copied"]) == set(lite.state_dict())
+
+
+@torch.no_grad()
+def test_teacher_lite_keeps_every_other_teacher_tensor(shapes_teacher):
+    lite = real_unet(COMPACT_PRESETS["teacher-lite"](dict(shapes_teacher.config)), 1)
+    report = init_student_from_teacher(lite, shapes_teacher, BK_INHERITANCE["teacher-lite"])
+    assert report["skipped"] == {} and set(report["copied"]) == set(lite.state_dict())
+    assert all(v == k for k, v in report["copied"].items())
+    dropped = set(shapes_teacher.state_dict()) - set(lite.state_dict())
+    assert dropped and all(k.startswith(("down_blocks.0.attentions", f"up_blocks.{len(lite.up_blocks) - 1}.attentions"))
+                           for k in dropped)
+    t_sd = shapes_teacher.state_dict()
+    assert all(torch.equal(v, t_sd[k]) for k, v in lite.state_dict().items())
 
 
 def test_drop_highest_res_attention_refuses_a_stage_without_attention():
