@@ -2,6 +2,7 @@
 
     python benchmarks/shapes_quality.py vae [--vae FOLDER] [--n 1000]
     python benchmarks/shapes_quality.py teacher [--model default] [--n 500] [--sweep-n 200]
+    python benchmarks/shapes_quality.py decoder --vae PRUNED_VAE [--teacher-vae DIR] [--n 1000]
 
 The teacher is measured as the issue asks: 50 DDIM steps, a sweep of guidance scales on ``--sweep-n``
 fresh prompts, then the best scale on ``--n`` fresh prompts (other seeds than the sweep).
@@ -38,6 +39,46 @@ def measure_vae(vae_dir: Path, n: int) -> dict:
     q = reconstruction_quality(vae, n=n, seed=4242, split="all")
     return {"name": vae_dir.parent.name if vae_dir.name == "vae" else vae_dir.name, "n": n,
             "params": count_params(vae), **q}
+
+
+def measure_decoders(teacher_dir: Path, vae_dirs: list[Path], n: int, batch: int = 25, rounds: int = 15) -> dict:
+    """Pruned decoders vs the teacher VAE's: params and MACs of one decode, its time at ``batch`` (calls
+    interleaved across VAEs, medians), and the checker on reconstructions of ``n`` fresh renders through the
+    teacher's encoder (what text-to-image uses: the decoder alone) and through each VAE's own encoder."""
+    import time
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pocketdiff.bench.measure import component_call, count_macs
+    from pocketdiff.train.autoencoder import reconstruction_quality
+
+    dirs = [teacher_dir, *vae_dirs]
+    vaes = [AutoencoderKL.from_pretrained(str(d), local_files_only=True).eval() for d in dirs]
+    teacher = vaes[0]
+    calls = [component_call("vae", v, resolution=64, batch=batch, latent_factor=4) for v in vaes]
+    times: list[list[float]] = [[] for _ in vaes]
+    with torch.no_grad():
+        for r in range(rounds + 2):
+            for i, (fn, inputs) in enumerate(calls):
+                t0 = time.perf_counter()
+                fn(*inputs)
+                if r >= 2:  # two warm-up rounds
+                    times[i].append(time.perf_counter() - t0)
+    rows = []
+    for d, v, t in zip(dirs, vaes, times):
+        fn, inputs = component_call("vae", v, resolution=64, batch=1, latent_factor=4)
+        decoder_params = count_params(v.decoder) + count_params(v.post_quant_conv)
+        report = json.loads((d / "quality.json").read_text()) if (d / "quality.json").is_file() else {}
+        rows.append({"name": d.parent.name if d.name == "vae" else d.name, "folder": str(d),
+                     "width": report.get("width", 1.0), "steps": report.get("steps_trained"),
+                     "channels": list(v.config.block_out_channels), "decoder_params": decoder_params,
+                     "decoder_gmacs": count_macs(fn, *inputs) / 1e9, "decode_ms": 1e3 * sorted(t)[len(t) // 2],
+                     "decoder": reconstruction_quality(v, n, seed=4242, encoder=teacher),
+                     "vae": reconstruction_quality(v, n, seed=4242)})
+        print(f"{rows[-1]['name']}: {rows[-1]['decode_ms']:.1f} ms, decoder all-correct "
+              f"{rows[-1]['decoder']['all_correct']:.3f}", file=sys.stderr, flush=True)
+    return {"n": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], steps: int,
@@ -89,6 +130,10 @@ def main(argv=None) -> int:
     v.add_argument("--vae", type=Path, default=None, help="VAE folder (default: the default model's vae/)")
     v.add_argument("--n", type=int, default=1000)
     v.add_argument("--write-card", action="store_true", help="store the results as the VAE folder's README.md")
+    d = sub.add_parser("decoder")
+    d.add_argument("--vae", type=Path, nargs="+", required=True, help="pruned VAE folders (`train decoder` OUT/vae)")
+    d.add_argument("--teacher-vae", type=Path, default=None, help="default: the default model's vae/")
+    d.add_argument("--n", type=int, default=1000)
     t = sub.add_parser("teacher")
     t.add_argument("--model", default="default")
     t.add_argument("--n", type=int, default=500)
@@ -113,12 +158,15 @@ def main(argv=None) -> int:
                 f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['size']:.1f} | "
                 f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\nSHAPES.md's gate for training a UNet "
                 f"on these latents is >= 97% all-correct.\n")
+    elif args.what == "decoder":
+        r = measure_decoders(args.teacher_vae or resolve_model("default") / "vae", args.vae, args.n)
+        (RESULTS / "shapes_decoder.json").write_text(json.dumps(r, indent=2))
     else:
         r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps, args.clip)
         (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
         if args.write_card:
             write_card(Path(r["folder"]), r)
-    print(json.dumps(r if args.what == "vae" else r["best"], indent=2, default=float)[:2000])
+    print(json.dumps(r if args.what in ("vae", "decoder") else r["best"], indent=2, default=float)[:2000])
     return 0
 
 
