@@ -35,9 +35,11 @@ def parse_run(text: str) -> dict:
     try:
         label, rest = text.split("=", 1)
         model, sampler, steps, guidance = rest.rsplit(":", 3)
-        return {"label": label, "model": model, "sampler": sampler, "steps": int(steps), "guidance": float(guidance)}
+        model, _, vae = model.partition("+")
+        return {"label": label, "model": model, "vae": vae or None, "sampler": sampler, "steps": int(steps),
+                "guidance": float(guidance)}
     except ValueError:
-        raise SystemExit(f"--run {text!r}: expected LABEL=MODEL:SAMPLER:STEPS:GUIDANCE") from None
+        raise SystemExit(f"--run {text!r}: expected LABEL=MODEL[+VAE_FOLDER]:SAMPLER:STEPS:GUIDANCE") from None
 
 
 @torch.no_grad()
@@ -62,10 +64,12 @@ def unet_costs(pipes: dict, runs: int) -> dict:
     return out
 
 
-def disk_mb(folder: Path) -> dict:
-    """Safetensors bytes on disk (MiB): the UNet's and the whole folder's (a quantized UNet counts as stored)."""
+def disk_mb(folder: Path, vae: str | None = None) -> dict:
+    """Safetensors bytes on disk (MiB): the UNet's and the whole folder's (a quantized UNet counts as stored;
+    with ``vae``, that VAE folder counts instead of the model's own)."""
     size = lambda root: sum(f.stat().st_size for f in Path(root).rglob("*.safetensors")) / 2**20  # noqa: E731
-    return {"unet_mb": size(Path(folder) / "unet"), "model_mb": size(folder)}
+    total = size(folder) - (size(Path(folder) / "vae") - size(vae) if vae else 0.0)
+    return {"unet_mb": size(Path(folder) / "unet"), "model_mb": total}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -124,19 +128,23 @@ def main() -> None:
     unknown = set(args.card) - {r["label"] for r in args.run}
     if unknown:
         raise SystemExit(f"--card {', '.join(sorted(unknown))}: no --run has that label")
+    swapped = [r["label"] for r in args.run if r["label"] in args.card and r["vae"]]
+    if swapped:
+        raise SystemExit(f"--card {', '.join(swapped)}: decoded with another VAE than its folder's; ship the folder "
+                         "with that VAE first (python -m pocketdiff.models.ship ... --vae)")
     from pocketdiff.eval.clip import load_domain_clip
     from pocketdiff.models.registry import model_card, resolve_model
     from pocketdiff.pipeline import Pipeline
 
     clip = load_domain_clip(args.clip)
-    pipes = {r["label"]: (Pipeline.from_folder(resolve_model(r["model"])), r) for r in args.run}
+    pipes = {r["label"]: (Pipeline.from_folder(resolve_model(r["model"]), vae=r["vae"]), r) for r in args.run}
     costs = unet_costs(pipes, args.cost_runs)
     rows = []
     for label, (pipe, run) in pipes.items():
         q = evaluate(pipe, n=args.n, steps=run["steps"], sampler=run["sampler"], guidance=run["guidance"],
                      seed=args.seed, clip=clip)
         rows.append({**run, "folder": str(pipe.source), "steps_trained": model_card(pipe.source).get("steps_trained"),
-                     **costs[label], **disk_mb(pipe.source), "quality": q})
+                     **costs[label], **disk_mb(pipe.source, run["vae"]), "quality": q})
         print(markdown_row(label, q), file=sys.stderr, flush=True)
     for r in rows:
         r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]

@@ -194,6 +194,19 @@ def test_truncated_model_is_one_line_error(tiny_folder, tmp_path, out, capsys):
     assert str(weights) in err
 
 
+def test_generate_with_another_vae(tiny_folder, tmp_path, out, capsys):
+    from pocketdiff.folder import load_components
+    from pocketdiff.train.decoder import prune_vae
+
+    prune_vae(load_components(tiny_folder)["vae"], 0.5).save_pretrained(tmp_path / "small")
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--steps", "2", "--vae", tmp_path / "small"), capsys)
+    assert code == 0, err
+    assert len(list(out.glob("*.png"))) == 1
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--vae", tmp_path / "missing"), capsys)
+    _assert_one_line_error(code, err)
+    assert "not a VAE folder" in err
+
+
 @pytest.mark.parametrize("extra", [["--sampler", "nope"], ["--height", "33", "--steps", "2"]],
                          ids=["argparse", "after-model-load"])
 def test_subprocess_error_has_no_traceback(tiny_folder, tmp_path, extra):

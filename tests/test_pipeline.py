@@ -161,3 +161,28 @@ def test_load_default_pipeline():
     assert isinstance(p, Pipeline)
     assert p.name == default_model_name() and default_model_name() in shipped_models()
     assert p.tokenizer.model_max_length >= 16
+
+
+def test_another_vae_folder_decodes_the_same_latents(tiny_folder, tmp_path):
+    """``vae=``: the model's latents decoded by another VAE (a pruned one here); a VAE whose latents do not
+    fit the UNet is refused in one line."""
+    from diffusers import AutoencoderKL
+
+    from pocketdiff.train.decoder import prune_vae
+
+    own = Pipeline.from_folder(tiny_folder, runner="eager")
+    prune_vae(own.vae, 0.5).save_pretrained(tmp_path / "small", safe_serialization=True)
+    swapped = load_pipeline(tiny_folder, runner="eager", vae=tmp_path / "small")
+    assert list(swapped.vae.config.block_out_channels) == [8, 16]
+    a, b = own("a red star", steps=2, output_type="latent"), swapped("a red star", steps=2)
+    assert torch.equal(a.latents, b.latents)  # the UNet and its noise are untouched
+    assert torch.allclose(swapped.decode(a.latents), swapped.vae.decode(a.latents / 0.5).sample)
+    cfg = dict(own.vae.config)
+    cfg["latent_channels"] = 8
+    AutoencoderKL(**{k: v for k, v in cfg.items() if not k.startswith("_")}).save_pretrained(tmp_path / "wide")
+    with pytest.raises(PocketdiffError, match="latent channels"):
+        load_pipeline(tiny_folder, vae=tmp_path / "wide")
+    with pytest.raises(PocketdiffError, match="not a VAE folder"):
+        load_pipeline(tiny_folder, vae=tmp_path)
+    with pytest.raises(PocketdiffError, match="not a VAE"):
+        load_pipeline(tiny_folder, vae=tiny_folder / "unet")

@@ -97,6 +97,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--runner", choices=("auto", "eager", "trace"), default="auto",
                    help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
+    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
@@ -208,8 +209,8 @@ def cmd_generate(args) -> int:
         if manifest is None or manifest.get("format") != "onnx":
             raise PocketdiffError(f"{folder}: not an ONNX export; create one with: pocketdiff export {args.model} "
                                   "--format onnx -o DIR, then pass --model DIR")
-        if args.attention_chunk is not None or args.vae_tile is not None or args.stream_unet:
-            raise PocketdiffError("model-level tiling flags apply to the torch backend only")
+        if args.attention_chunk is not None or args.vae_tile is not None or args.stream_unet or args.vae:
+            raise PocketdiffError("--vae and the model-level tiling flags apply to the torch backend only")
         from .backends.onnxruntime import load_onnx_pipeline
 
         pipe = load_onnx_pipeline(folder, manifest)
@@ -218,7 +219,7 @@ def cmd_generate(args) -> int:
             hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
                 "run it with its own runtime on the device"
             raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
-        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner)
+        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
         pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile,
                            stream_unet=args.stream_unet)
     load_s = time.perf_counter() - t_load
@@ -361,6 +362,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--clip", default=None,
                    help="a domain-CLIP folder (`train clip` writes OUT/clip) for CLIP score and FD (default: the "
                         "shipped shapes-clip if present, else n/a)")
+    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own")
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
@@ -380,7 +382,7 @@ def cmd_eval(args) -> int:
     from .eval.clip import load_domain_clip
 
     clip = load_domain_clip(args.clip)
-    pipe = Pipeline.from_folder(resolve_model(args.model))
+    pipe = Pipeline.from_folder(resolve_model(args.model), vae=args.vae)
     r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=not args.no_progress, clip=clip)
     r["model"] = str(args.model)

@@ -161,6 +161,20 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
     return model.eval().requires_grad_(False)
 
 
+_VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def load_vae(path: str | os.PathLike, trust_pickle: bool = False) -> torch.nn.Module:
+    """A VAE folder on its own (config.json + weights: a model folder's ``vae/``, or what `train decoder` writes)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{path}: not a VAE folder (no config.json); pass a folder such as MODEL/vae")
+    class_name = _read_json(path / "config.json").get("_class_name", "AutoencoderKL")
+    if class_name not in _VAE_CLASSES:
+        raise ModelFolderError(f"{path}: a {class_name}, not a VAE ({' or '.join(_VAE_CLASSES)})")
+    return load_model(path, class_name, trust_pickle)
+
+
 def load_tokenizer(sub: Path, class_name: str = "CLIPTokenizer"):
     if class_name not in _TOKENIZERS:
         raise ModelFolderError(f"{sub}: tokenizer class {class_name!r} is not supported (CLIPTokenizer)")

@@ -79,8 +79,16 @@ class Pipeline:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, path: str | Path, *, trust_pickle: bool = False, runner: str = "auto") -> "Pipeline":
+    def from_folder(cls, path: str | Path, *, trust_pickle: bool = False, runner: str = "auto",
+                    vae: str | Path | None = None) -> "Pipeline":
+        """Load a model folder; ``vae``: a VAE folder used instead of the folder's own (e.g. a pruned one)."""
         parts = folder_io.load_components(path, trust_pickle=trust_pickle)
+        if vae is not None:
+            parts["vae"] = folder_io.load_vae(vae, trust_pickle=trust_pickle)
+            channels, expected = parts["vae"].config.latent_channels, parts["unet"].config.in_channels
+            if channels != expected:
+                raise PocketdiffError(f"{vae}: has {channels} latent channels but the UNet of {path} takes {expected}; "
+                                      "pass a VAE made for this model's latents")
         pipe = cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
                    runner=runner, name=Path(path).name)
         pipe.source = Path(path)
@@ -286,8 +294,10 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in to_uint8(pixels)]
 
 
-def load_pipeline(path: str | Path = "default", *, trust_pickle: bool = False, runner: str = "auto") -> Pipeline:
-    """Load a local diffusers-format folder, or a shipped model by name (see ``pocketdiff models``)."""
+def load_pipeline(path: str | Path = "default", *, trust_pickle: bool = False, runner: str = "auto",
+                  vae: str | Path | None = None) -> Pipeline:
+    """Load a local diffusers-format folder, or a shipped model by name (see ``pocketdiff models``);
+    ``vae``: a VAE folder to use instead of the model's own."""
     from .models.registry import resolve_model
 
-    return Pipeline.from_folder(resolve_model(path), trust_pickle=trust_pickle, runner=runner)
+    return Pipeline.from_folder(resolve_model(path), trust_pickle=trust_pickle, runner=runner, vae=vae)

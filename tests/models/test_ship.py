@@ -71,3 +71,19 @@ def test_bad_sources_are_refused_in_one_line(run_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and "not a model folder" in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_ship_with_another_vae_replaces_the_folder_vae_and_records_it(run_model, tmp_path):
+    from pocketdiff.folder import load_components
+    from pocketdiff.train.decoder import prune_vae
+
+    vae_dir = tmp_path / "decoder" / "vae"
+    prune_vae(load_components(run_model)["vae"], 0.5).save_pretrained(vae_dir, safe_serialization=True)
+    (vae_dir / "quality.json").write_text(json.dumps({"width": 0.5, "recipe": {"x": 1}}))
+    dst = ship_model(run_model, "m", description="d", recipe="r", vae=vae_dir, models_dir=tmp_path / "models")
+    assert list(load_components(dst)["vae"].config.block_out_channels) == [8, 16]
+    assert not (dst / "vae" / "quality.json").exists()
+    card = _card(dst)
+    assert card["vae"] == {"folder": str(vae_dir), "width": 0.5}
+    with pytest.raises(PocketdiffError, match="not a VAE folder"):
+        ship_model(run_model, "m2", description="d", recipe="r", vae=tmp_path, models_dir=tmp_path / "models")

@@ -28,9 +28,12 @@ STALE = ("quality", "model", "init_from", "steps_this_run")  # card keys about t
 
 
 def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: str, teacher: str | None = None,
-               continues: bool = False, history: str | None = None,
+               continues: bool = False, history: str | None = None, vae: str | os.PathLike | None = None,
                models_dir: str | os.PathLike = MODELS_DIR) -> Path:
     """Copy ``src`` to ``models_dir/name`` (UNet stored float16), replacing a shipped folder of that name.
+
+    ``vae``: a VAE folder (e.g. ``train decoder``'s OUT/vae) shipped in place of ``src``'s own; its
+    ``quality.json`` report goes into the card.
 
     ``continues``: the run continued the shipped weights without ``--init-from`` (e.g. ``train lcm --student
     <shipped LCM>``), so the card's ``steps_trained`` is the previous total plus this run's steps. Runs with
@@ -48,6 +51,16 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
                               "drop --continues")
     if continues and "steps_trained" not in prev:
         raise PocketdiffError(f"{dst}: nothing shipped to continue from; drop --continues")
+    vae_report = None
+    if vae is not None:
+        from ..folder import load_components, load_vae
+
+        own, new_vae = load_components(src)["vae"], load_vae(vae)
+        if new_vae.config.latent_channels != own.config.latent_channels:
+            raise PocketdiffError(f"{vae}: its latents ({new_vae.config.latent_channels} channels) do not fit {src}")
+        report = Path(vae) / "quality.json"
+        vae_report = json.loads(report.read_text()) if report.is_file() else {}
+        vae_report.pop("recipe", None)
 
     card = {k: v for k, v in new.items() if k not in STALE}
     card["description"] = description
@@ -57,9 +70,14 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
                         "weights": "UNet stored in float16 (folder.store_half), loaded as float32"}
     if teacher:
         card["teacher"] = teacher
+    if vae_report is not None:
+        card["vae"] = {"folder": str(vae), **vae_report}
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(dst, overwrite=True) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if vae is not None:
+            shutil.rmtree(tmp / "vae")
+            shutil.copytree(vae, tmp / "vae", ignore=shutil.ignore_patterns("quality.json", "README.md"))
         store_half(tmp)
         (tmp / "pocketdiff.json").write_text(json.dumps(card, indent=2))
     return dst
@@ -74,10 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--history", help="anything else a reader of the card needs (loss changes, restarts)")
     p.add_argument("--teacher", help="shipped name of the model it was distilled from")
     p.add_argument("--continues", action="store_true", help="the run continued the shipped weights")
+    p.add_argument("--vae", help="a VAE folder to ship in place of the run's own (e.g. runs/decoder/vae)")
     a = p.parse_args(argv)
     try:
         dst = ship_model(a.src, a.name, description=a.description, recipe=a.recipe, teacher=a.teacher,
-                         continues=a.continues, history=a.history)
+                         continues=a.continues, history=a.history, vae=a.vae)
     except PocketdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
