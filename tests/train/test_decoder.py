@@ -21,6 +21,12 @@ def test_pruned_config_scales_channels_and_groups_together():
     assert small["latent_channels"] == cfg["latent_channels"] and small["scaling_factor"] == cfg["scaling_factor"]
     with pytest.raises(ValueError, match="whole numbers"):
         pruned_config(cfg, 0.3)
+    mixed = pruned_config(cfg, 1.0, [16, 16])  # explicit channels per block: groups kept
+    assert mixed["block_out_channels"] == [16, 16] and mixed["norm_num_groups"] == 8
+    with pytest.raises(ValueError, match="at most"):
+        pruned_config(cfg, 1.0, [16, 64])
+    with pytest.raises(ValueError, match="multiples"):
+        pruned_config(cfg, 1.0, [12, 16])
 
 
 @torch.no_grad()
@@ -58,7 +64,7 @@ def test_batches_are_a_pure_function_of_the_step():
     assert "latents" not in decoder_batches(None, 4, 0.5, seed=1)(0)
 
 
-@pytest.mark.parametrize("bad", [{"width": 0.0}, {"width": 1.5}, {"generated_fraction": 2.0}])
+@pytest.mark.parametrize("bad", [{"width": 0.0}, {"width": 1.5}, {"generated_fraction": 2.0}, {"channels": "32,x"}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         DecoderRecipe(**bad)
@@ -88,7 +94,7 @@ def test_recipe_distils_towards_the_teacher_and_writes_a_model(teacher_folder, t
     report = json.loads((tmp_path / "run" / "vae" / "quality.json").read_text())
     assert report["width"] == 0.5 and 0 <= report["quality"]["decoder"]["all_correct"] <= 1
     card = json.loads((out / "pocketdiff.json").read_text())
-    assert "pruned to 0.5" in card["description"] and card["vae"]["generator"] == str(teacher_folder)
+    assert "pruned to channels [8, 16]" in card["description"] and card["vae"]["generator"] == str(teacher_folder)
     res = Pipeline.from_folder(out, runner="eager")("a red star", steps=2, sampler="ddim", height=64, width=64)
     assert res.images[0].size == (64, 64)
 

@@ -37,6 +37,7 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-decoder", steps=2000, batch_size=16, l
 @dataclass
 class DecoderRecipe:
     width: float = 0.5  # fraction of every block's channels kept (SnapFusion: 0.5)
+    channels: str = ""  # or explicit channels per block, e.g. "32,32,64" (each at most the teacher's; overrides width)
     generator: str = ""  # model folder whose generations are the distillation latents ("" = the teacher folder)
     n_generated: int = 2000  # generated latents, made once and cached in OUT
     generator_steps: int = 0  # 0: the generator's own default steps / sampler / guidance (its model card)
@@ -53,22 +54,32 @@ class DecoderRecipe:
     def __post_init__(self):
         if not 0 < self.width <= 1:
             raise ValueError(f"width must be in (0, 1], got {self.width}")
+        if self.channels and not all(c.strip().isdigit() and int(c) > 0 for c in self.channels.split(",")):
+            raise ValueError(f"channels must be comma-separated positive integers such as 32,32,64, got "
+                             f"{self.channels!r}")
         if not 0 <= self.generated_fraction <= 1:
             raise ValueError(f"generated_fraction must be in [0, 1], got {self.generated_fraction}")
         if self.n_generated < 1 and self.generated_fraction > 0:
             raise ValueError("n_generated must be >= 1 when generated_fraction > 0")
 
 
-def pruned_config(config: dict, width: float) -> dict:
-    """An AutoencoderKL config with ``width`` x the channels of every block (same groups' size)."""
+def pruned_config(config: dict, width: float, channels: list[int] | None = None) -> dict:
+    """An AutoencoderKL config with ``width`` x the channels of every block (same groups' size), or with
+    explicit per-block ``channels`` (each at most the teacher's; GroupNorm groups kept where they divide)."""
     groups = config.get("norm_num_groups", 32)
-    channels = [c * width for c in config["block_out_channels"]] + [groups * width]
-    if any(c != int(c) for c in channels):
-        raise ValueError(f"width {width} does not divide channels {list(config['block_out_channels'])} and "
-                         f"norm_num_groups {groups} into whole numbers; choose e.g. 0.5 or 0.25")
+    teacher = list(config["block_out_channels"])
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
-    return {**clean, "block_out_channels": [int(c * width) for c in config["block_out_channels"]],
-            "norm_num_groups": int(groups * width)}
+    if channels:
+        if len(channels) != len(teacher) or any(c > t for c, t in zip(channels, teacher)):
+            raise ValueError(f"channels {channels} must give one count per block, each at most the teacher's {teacher}")
+        if any(c % groups for c in channels):
+            raise ValueError(f"channels {channels} must be multiples of norm_num_groups {groups}")
+        return {**clean, "block_out_channels": list(channels)}
+    scaled = [c * width for c in teacher] + [groups * width]
+    if any(c != int(c) for c in scaled):
+        raise ValueError(f"width {width} does not divide channels {teacher} and norm_num_groups {groups} into "
+                         "whole numbers; choose e.g. 0.5 or 0.25")
+    return {**clean, "block_out_channels": [int(c * width) for c in teacher], "norm_num_groups": int(groups * width)}
 
 
 @torch.no_grad()
@@ -97,11 +108,11 @@ def inherit_sliced(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
     return n
 
 
-def prune_vae(teacher, width: float):
+def prune_vae(teacher, width: float, channels: list[int] | None = None):
     """A pruned copy of ``teacher`` (an AutoencoderKL) initialised from its leading channels."""
     from diffusers import AutoencoderKL
 
-    student = AutoencoderKL(**pruned_config(dict(teacher.config), width))
+    student = AutoencoderKL(**pruned_config(dict(teacher.config), width, channels))
     inherit_sliced(student, teacher)
     return student
 
@@ -232,7 +243,8 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    student = prune_vae(teacher, recipe.width).train()  # first: a width that does not fit fails at once
+    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
+    student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
     generated = cached_generated(out, generator, recipe, cfg.seed) if recipe.generated_fraction > 0 else None
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
                       decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
@@ -250,12 +262,14 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     quality = {"decoder": reconstruction_quality(final, n, seed=4242, encoder=teacher),
                "vae": reconstruction_quality(final, n, seed=4242),
                "teacher": reconstruction_quality(teacher, n, seed=4242)}
-    report = {**export_card(chosen), "width": recipe.width, "teacher": str(teacher_dir),
+    width = recipe.width if not channels else sum(channels) / sum(teacher.config.block_out_channels)
+    report = {**export_card(chosen), "width": width, "channels": list(final.config.block_out_channels),
+              "teacher": str(teacher_dir),
               "generator": str(generator), "recipe": asdict(recipe), "quality": quality}
     (vae_dir / "quality.json").write_text(json.dumps(report, indent=2))
     card = {**model_card(generator), "vae": {k: v for k, v in report.items() if k != "recipe"}}
-    card["description"] = f"{card.get('description', generator.name)}; VAE pruned to {recipe.width:g} width " \
-                          "by data distillation"
+    card["description"] = f"{card.get('description', generator.name)}; VAE pruned to channels " \
+                          f"{list(final.config.block_out_channels)} by data distillation"
     save_components(out / "model", parts["unet"], final, parts["text_encoder"], parts["tokenizer"],
                     parts["scheduler_config"], overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
