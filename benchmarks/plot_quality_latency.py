@@ -1,8 +1,8 @@
 """Quality vs latency across the measured Shapes models: docs/quality_vs_latency.png.
 
 Reads the ``docs/results/shapes_<name>.json`` that ``shapes_compare.py`` wrote for the compression path
-(``PLOTTED``: the teacher at several step counts, the KD student, the LCM student; the quantization and
-ablation comparisons repeat those models and are left out). One point per run:
+(``PLOTTED``: the teacher at several step counts, the KD student, the LCM student, the 2-step students with
+a pruned decoder; the quantization and ablation comparisons repeat those models and are left out). One point per run:
 seconds per image (log scale, x) against all-correct (y), labelled by run. Needs matplotlib
 (``pip install '.[bench]'``).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-PLOTTED = ("kd", "lcm")  # comparisons drawn, in this order
+PLOTTED = ("kd", "lcm", "two-step-fast")  # comparisons drawn, in this order
 
 
 def points() -> list[dict]:
