@@ -253,14 +253,15 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                       "Issue 5's targets measured in one run against its first row, the teacher's 50-step DDIM "
                       "generation with CFG: at 2 steps, all-correct within 3 points of it and `s/image vs first` "
                       "at most 1/40 = 0.025x. The decoder costs more than a compact 2-step UNet at 64 px, so the "
-                      "rows pair the 2-step students with the channel-pruned VAE of the section above "
-                      "(`+pruned`: `[32, 32, 32]` channels; `-w0.5`: the uniform half-width one). `tlite` is "
-                      "the `teacher-lite` preset (the teacher less its highest-resolution attention, every other "
+                      "2-step students are also run with the channel-pruned VAEs of the section above (`+pruned`: "
+                      "`[32, 32, 32]` channels; `-w0.5`: the uniform half-width one). `tlite` is the "
+                      "`teacher-lite` preset (the teacher less its highest-resolution attention, every other "
                       "tensor inherited): `pocketdiff train kd --student teacher-lite` (8 minutes), then "
                       "`train lcm` from the teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step "
                       "check kept: `tlite-lcm-2`), then `train step` on the cached teacher trajectories of the "
-                      "two-step section (25 minutes, best check kept: `tlite-step-2`). `training steps` is each "
-                      "run's kept step (of that run only)."),
+                      "two-step section (25 minutes, best check kept: `tlite-step-2`). `shapes-2step` is "
+                      "`tlite-step-2` shipped with the `[32, 32, 32]` VAE (UNet stored in float16). `training "
+                      "steps` is each run's kept step (of that run only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
