@@ -249,19 +249,19 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                  "`step-teacher-size-2` is that LCM trained further by the same step distillation as `step-2` "
                  "(20 minutes). `training steps` is each run's kept step (for the step-distilled rows, of that run "
                  "only)."),
-    "two-step-fast": ("Two steps within the speed target: a teacher-lite student and a pruned decoder (issue 5)",
+    "two-step-fast": ("Two steps with a pruned decoder, and a teacher-lite student (issue 5)",
                       "Issue 5's targets measured in one run against its first row, the teacher's 50-step DDIM "
                       "generation with CFG: at 2 steps, all-correct within 3 points of it and `s/image vs first` "
-                      "at most 1/40 = 0.025x. The decoder costs more than a compact 2-step UNet at 64 px, so the "
-                      "2-step students are also run with the channel-pruned VAEs of the section above (`+pruned`: "
-                      "`[32, 32, 32]` channels; `-w0.5`: the uniform half-width one). `tlite` is the "
-                      "`teacher-lite` preset (the teacher less its highest-resolution attention, every other "
-                      "tensor inherited): `pocketdiff train kd --student teacher-lite` (8 minutes), then "
-                      "`train lcm` from the teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step "
-                      "check kept: `tlite-lcm-2`), then `train step` on the cached teacher trajectories of the "
-                      "two-step section (25 minutes, best check kept: `tlite-step-2`). `shapes-2step` is "
-                      "`tlite-step-2` shipped with the `[32, 32, 32]` VAE (UNet stored in float16). `training "
-                      "steps` is each run's kept step (of that run only)."),
+                      "at most 1/40 = 0.025x. At 64 px the VAE decoder costs more than a compact 2-step UNet, so "
+                      "the 2-step students run with their own VAE and with the channel-pruned ones of the section "
+                      "above (`+pruned`: `[32, 32, 32]` channels; `-w0.5`: uniform half width). `lcm-2` is "
+                      "`shapes-lcm` with the original VAE; `lcm-2+pruned` is `shapes-lcm` as shipped now, with the "
+                      "`[32, 32, 32]` VAE. `tlite-lcm-2` is the `teacher-lite` preset (the teacher less its "
+                      "highest-resolution attention, 0.56x its UNet step, every other tensor inherited) after "
+                      "`pocketdiff train kd --student teacher-lite` (8 minutes, 260 steps) and `train lcm` from "
+                      "the teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step check kept). "
+                      "`step-teacher-size-2` is the teacher-size LCM + step distillation of the two-step section. "
+                      "`training steps` is each run's kept step (of that run only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
