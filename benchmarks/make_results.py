@@ -70,24 +70,26 @@ def section_vae() -> str:
 
 def section_decoder() -> str:
     out, r = _section("Channel-pruned VAE by data distillation (SnapFusion)",
-                      "`pocketdiff train decoder`: every block of the Shapes AutoencoderKL at `width` x its channels "
-                      "(leading channels inherited), trained for `steps` to reproduce the original decoder on a mix "
+                      "`pocketdiff train decoder`: the Shapes AutoencoderKL with fewer channels per block (`--width "
+                      "0.5`: every block halved, `decoder1`; `--channels 32,32,32`: the full-resolution stage kept, "
+                      "`decoder2`; leading channels inherited), trained for `steps` to reproduce the original decoder on a mix "
                       "of the shipped `shapes-lcm`'s own 2-step latents and posterior samples of fresh renders, its "
                       "encoder to the original posterior (so latents and scaling factor are unchanged). "
                       "`decoder`: reconstructions through the original encoder and the row's decoder (the "
                       "text-to-image path); `own VAE`: through the row's encoder and decoder. Decode time at "
-                      "batch 25, calls interleaved across rows, medians.", "shapes_decoder.json",
+                      "batch 25, calls interleaved across rows, medians. What the pruned decoders do to generated "
+                      "images is in the fast two-step section below.", "shapes_decoder.json",
                       "python benchmarks/shapes_quality.py decoder --vae ...")
     if not r:
         return "\n".join(out)
     first = r["rows"][0]
-    out.append("| VAE | width | steps | channels | decoder params M | decoder GMACs/image | decode ms (batch "
+    out.append("| VAE | steps | channels | decoder params M | decoder GMACs/image | decode ms (batch "
                f"{r['batch']}) | vs first | decoder: all-correct % | decoder: shape % | decoder: PSNR dB | "
                "own VAE: all-correct % |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in r["rows"]:
         d = row["decoder"]
-        out.append(f"| {row['name']} | {row['width']:g} | {row['steps'] or '-'} | {row['channels']} | "
+        out.append(f"| {row['name']} | {row['steps'] or '-'} | {row['channels']} | "
                    f"{row['decoder_params'] / 1e6:.3f} | {row['decoder_gmacs']:.3f} | {row['decode_ms']:.1f} | "
                    f"{row['decode_ms'] / first['decode_ms']:.2f}x | {100 * d['all_correct']:.1f} | "
                    f"{100 * d['shape']:.1f} | {d['psnr']:.2f} | {100 * row['vae']['all_correct']:.1f} |")
@@ -253,15 +255,14 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                       "Issue 5's targets measured in one run against its first row, the teacher's 50-step DDIM "
                       "generation with CFG: at 2 steps, all-correct within 3 points of it and `s/image vs first` "
                       "at most 1/40 = 0.025x. At 64 px the VAE decoder costs more than a compact 2-step UNet, so "
-                      "the 2-step students run with their own VAE and with the channel-pruned ones of the section "
-                      "above (`+pruned`: `[32, 32, 32]` channels; `-w0.5`: uniform half width). `lcm-2` is "
-                      "`shapes-lcm` with the original VAE; `lcm-2+pruned` is `shapes-lcm` as shipped now, with the "
-                      "`[32, 32, 32]` VAE. `tlite-lcm-2` is the `teacher-lite` preset (the teacher less its "
-                      "highest-resolution attention, 0.56x its UNet step, every other tensor inherited) after "
-                      "`pocketdiff train kd --student teacher-lite` (8 minutes, 260 steps) and `train lcm` from "
-                      "the teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step check kept). "
-                      "`step-teacher-size-2` is the teacher-size LCM + step distillation of the two-step section. "
-                      "`training steps` is each run's kept step (of that run only)."),
+                      "the 2-step students run with their own VAE and (`+pruned`) with the `[32, 32, 32]` VAE of "
+                      "the section above (decoded by `--vae`; not shipped, as its reconstructions fall short of the "
+                      "original's). `lcm-2` is the shipped `shapes-lcm`. `tlite-lcm-2` is the `teacher-lite` preset "
+                      "(the teacher less its highest-resolution attention, 0.56x its UNet step, every other tensor "
+                      "inherited) after `pocketdiff train kd --student teacher-lite` (8 minutes, 260 steps) and "
+                      "`train lcm` from the teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step "
+                      "check kept). `step-teacher-size-2` is the teacher-size LCM + step distillation of the "
+                      "two-step section. `training steps` is each run's kept step (of that run only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
