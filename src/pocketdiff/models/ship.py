@@ -53,10 +53,11 @@ def ship_model(src: str | os.PathLike, name: str, *, description: str, recipe: s
         raise PocketdiffError(f"{dst}: nothing shipped to continue from; drop --continues")
     vae_report = None
     if vae is not None:
-        from ..folder import load_components, load_vae
+        from ..folder import load_vae
 
-        own, new_vae = load_components(src)["vae"], load_vae(vae)
-        if new_vae.config.latent_channels != own.config.latent_channels:
+        own = json.loads((src / "vae" / "config.json").read_text())["latent_channels"]
+        new_vae = load_vae(vae)
+        if new_vae.config.latent_channels != own:
             raise PocketdiffError(f"{vae}: its latents ({new_vae.config.latent_channels} channels) do not fit {src}")
         report = Path(vae) / "quality.json"
         vae_report = json.loads(report.read_text()) if report.is_file() else {}
