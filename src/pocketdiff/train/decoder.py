@@ -147,16 +147,15 @@ def generate_latents(folder: Path, n: int, settings: dict, seed: int, batch: int
     return torch.cat(out).float()
 
 
-def cached_generated(out: Path, folder: Path, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
-    """:func:`generate_latents`, written atomically to ``out`` and reused for the same folder and settings."""
+def cached_generated(out: Path, folder: Path, unet: torch.nn.Module, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
+    """:func:`generate_latents`, written atomically to ``out`` and reused for the same UNet weights (``folder``'s,
+    already loaded) and settings."""
     from safetensors.torch import load_file, save_file
 
     from .teacher import weights_digest
-    from ..folder import load_components
 
-    parts = load_components(folder)
     settings = generator_settings(folder, recipe)
-    key = {"unet_sha256": weights_digest(parts["unet"]), "n": recipe.n_generated, "seed": seed, **settings}
+    key = {"unet_sha256": weights_digest(unet), "n": recipe.n_generated, "seed": seed, **settings}
     path, meta = out / "generated_latents.safetensors", out / "generated_latents.json"
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return load_file(str(path))["latents"]
@@ -245,7 +244,8 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     torch.manual_seed(cfg.seed)
     channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
     student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
-    generated = cached_generated(out, generator, recipe, cfg.seed) if recipe.generated_fraction > 0 else None
+    generated = cached_generated(out, generator, parts["unet"], recipe, cfg.seed) if recipe.generated_fraction > 0 \
+        else None
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
                       decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
                       monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
