@@ -287,10 +287,10 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                       "teacher (w in [2, 5], `--foreground-weight 4`, 12 minutes, best 2-step check kept); "
                       "`tlite-step-2` is that model after `train step` (3000 cached guided teacher trajectories, "
                       "DPM-Solver++(2M) with 4 solver steps per student step, guidance 3, `--foreground-weight 4`, "
-                      "lr 2e-4, 60 minutes, best 2-step check of 96 prompts kept; not shipped: with its own VAE it is "
-                      "better than `lcm-2` but slower, with `decoder3` as fast but no better). `step-teacher-size-2` is the teacher-size LCM + step "
-                      "distillation of the two-step section, for scale. `training steps` is each run's kept step "
-                      "(of that run only)."),
+                      "lr 2e-4, 60 minutes, best 2-step check of 96 prompts kept; not shipped: with its own VAE it "
+                      "is better than `lcm-2` but slower, with `decoder3` as fast but no better). "
+                      "`step-teacher-size-2` is the teacher-size LCM + step distillation of the two-step section, "
+                      "for scale. `training steps` is each run's kept step (of that run only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
               "`pocketdiff quantize` (int8 weights per output channel, activations in float: W8A32 on this CPU) of "
               "the shipped models, vs fp32, same prompts and seeds. Runtimes: `int8` keeps int8 weights in memory "
