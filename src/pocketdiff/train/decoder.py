@@ -128,14 +128,12 @@ def generator_settings(folder: Path, recipe: DecoderRecipe) -> dict:
 
 
 @torch.no_grad()
-def generate_latents(folder: Path, n: int, settings: dict, seed: int, batch: int = 50) -> torch.Tensor:
-    """(n, C, h, w) *unscaled* latents (decoder inputs) sampled by ``folder`` for training-split captions."""
+def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -> torch.Tensor:
+    """(n, C, h, w) *unscaled* latents (decoder inputs) sampled by ``pipe`` for training-split captions."""
     from tqdm import tqdm
 
     from ..data.shapes import IMAGE_SIZE, sample_batch
-    from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_folder(folder, runner="eager")
     _, captions, _ = sample_batch(np.random.default_rng([seed, 99]), n, split="train")
     cfg = pipe.vae.config
     out = []
@@ -147,19 +145,19 @@ def generate_latents(folder: Path, n: int, settings: dict, seed: int, batch: int
     return torch.cat(out).float()
 
 
-def cached_generated(out: Path, folder: Path, unet: torch.nn.Module, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
-    """:func:`generate_latents`, written atomically to ``out`` and reused for the same UNet weights (``folder``'s,
-    already loaded) and settings."""
+def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
+    """:func:`generate_latents` by ``pipe`` (``folder`` loaded), written atomically to ``out`` and reused for the
+    same UNet weights and settings."""
     from safetensors.torch import load_file, save_file
 
     from .teacher import weights_digest
 
     settings = generator_settings(folder, recipe)
-    key = {"unet_sha256": weights_digest(unet), "n": recipe.n_generated, "seed": seed, **settings}
+    key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings}
     path, meta = out / "generated_latents.safetensors", out / "generated_latents.json"
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return load_file(str(path))["latents"]
-    latents = generate_latents(folder, recipe.n_generated, settings, seed)
+    latents = generate_latents(pipe, recipe.n_generated, settings, seed)
     save_file({"latents": latents.contiguous()}, str(out / "generated_latents.tmp"))
     (out / "generated_latents.tmp").rename(path)
     meta.write_text(json.dumps({"key": key}))
@@ -228,15 +226,16 @@ def decoder_monitor(teacher, n: int):
 def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume: bool = True) -> Path:
     """Prune and distil the VAE of ``teacher_dir``; writes ``out_dir/vae`` and ``out_dir/model`` (the generator
     model folder with the pruned VAE in place of its own)."""
-    from ..folder import load_components, save_components
+    from ..folder import load_components, load_vae, save_components
     from ..models.registry import model_card
+    from ..pipeline import Pipeline
     from .trainer import Trainer, export_card
 
     recipe = recipe or DecoderRecipe()
     teacher_dir = Path(teacher_dir)
     generator = Path(recipe.generator) if recipe.generator else teacher_dir
     parts = load_components(generator)
-    teacher = load_components(teacher_dir)["vae"].eval().requires_grad_(False)
+    teacher = load_vae(teacher_dir / "vae").eval().requires_grad_(False)
     if dict(parts["vae"].config)["latent_channels"] != teacher.config.latent_channels:
         raise ValueError(f"{generator}: its latents do not fit the VAE of {teacher_dir}")
     out = Path(cfg.out_dir)
@@ -244,8 +243,11 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     torch.manual_seed(cfg.seed)
     channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
     student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
-    generated = cached_generated(out, generator, parts["unet"], recipe, cfg.seed) if recipe.generated_fraction > 0 \
-        else None
+    generated = None
+    if recipe.generated_fraction > 0:
+        pipe = Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                        parts["scheduler_config"], runner="eager")
+        generated = cached_generated(out, generator, pipe, recipe, cfg.seed)
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
                       decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
                       monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
