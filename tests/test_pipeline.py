@@ -131,6 +131,14 @@ def test_latent_output_skips_decoder(pipe):
     assert result.latents.shape == (1, 4, 8, 8)
 
 
+def test_to_moves_every_component_and_keeps_the_images():
+    moved = _pipeline()
+    assert moved.to("cpu") is moved and moved.device == torch.device("cpu")
+    for module in (moved.unet, moved.vae, moved.text_encoder):
+        assert all(p.device.type == "cpu" for p in module.parameters())
+    assert torch.equal(moved(PROMPT, seed=2, **RUN).latents, _pipeline()(PROMPT, seed=2, **RUN).latents)
+
+
 # ---- w-conditioned, v-prediction students ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def student():

@@ -151,7 +151,7 @@ class Denoiser:
             tcond = None if cond.guidance_embedding is None else torch.cat([cond.guidance_embedding] * 2)
         else:
             sample, text, tcond = x_in, cond.cond, cond.guidance_embedding
-        tt = torch.full((sample.shape[0],), t, dtype=torch.float32)
+        tt = torch.full((sample.shape[0],), t, dtype=torch.float32, device=sample.device)
         out = self.unet_fn(sample, tt, text, tcond)
         if cond.uses_cfg:
             out_u, out_c = out[:b], out[b:]

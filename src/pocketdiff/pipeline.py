@@ -125,6 +125,22 @@ class Pipeline:
             self.denoiser = Denoiser(self.runner, self.schedule)
         return self
 
+    def to(self, device: str | torch.device) -> "Pipeline":
+        """Move the UNet, VAE and text encoder to ``device`` (as diffusers' ``pipe.to("cuda")``). Each stage
+        runs where its module is, so the components may also be placed one by one."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            if not isinstance(module, torch.nn.Module):
+                raise PocketdiffError(f"{type(module).__name__} runs outside torch and cannot be moved; load the "
+                                      "model with the torch backend to use another device")
+            module.to(device)
+        self.runner.reset()  # a trace holds the device it was made on
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet is, and so where sampling runs."""
+        return _module_device(self.unet)
+
     def save(self, path: str | Path, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
         return folder_io.save_components(path, self.unet, self.vae, self.text_encoder, self.tokenizer,
                                          self.scheduler_config, overwrite=overwrite, extra_files=extra_files)
@@ -156,13 +172,13 @@ class Pipeline:
                     dropped = self.tokenizer.decode(ids[limit - 1:n - 1])
                     warnings.warn(f"prompt longer than {limit} tokens was truncated; dropped: {dropped!r}",
                                   PromptTruncatedWarning, stacklevel=3)
-        return self.text_encoder(tok.input_ids)[0]
+        return self.text_encoder(tok.input_ids.to(_module_device(self.text_encoder)))[0].to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] from diffusers-scale latents."""
         cfg = self.vae.config
-        z = latents / cfg.scaling_factor
+        z = latents.to(_module_device(self.vae)) / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
         if self.vae_tile:
@@ -218,7 +234,7 @@ class Pipeline:
         w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         uncond_states, w_emb = None, None
         if w_dim:
-            w_emb = guidance_scale_embedding(torch.full((b,), guidance - 1.0), w_dim)  # (B, E)
+            w_emb = guidance_scale_embedding(torch.full((b,), guidance - 1.0), w_dim).to(self.device)  # (B, E)
         elif guidance != 1.0:
             neg = [negative_prompt or ""] * n_prompts if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
             if len(neg) != n_prompts:
@@ -240,7 +256,8 @@ class Pipeline:
                                       "(prompts x num_images_per_prompt) or a single generator")
             seeds = [None] * b
         shape = (b, self.unet.config.in_channels, height // f, width // f)
-        noise = _randn(shape, generator)
+        device = self.device
+        noise = _randn(shape, generator).to(device)  # drawn on the CPU: the same images on every device
         x = noise * init_sigma  # (B, C, h, w) VE latent at sigmas[0]
 
         # 3. sampling
@@ -257,7 +274,7 @@ class Pipeline:
 
         kwargs = {}
         if spec.stochastic:
-            kwargs["noise_sampler"] = lambda s, s_next: _randn(shape, generator)
+            kwargs["noise_sampler"] = lambda s, s_next: _randn(shape, generator).to(device)
         if spec.boundary:
             kwargs["boundary"] = lambda s: lcm_boundary(self.schedule, self.denoiser.sigma_to_t(s))
         self.runner.plan_calls(max(self.runner.planned_calls, steps))  # a caller may have planned more
@@ -274,6 +291,13 @@ class Pipeline:
             images = to_pil(pixels)
         timings.total = time.perf_counter() - t_start
         return GenerationResult(images, latents, prompts, seeds, timings)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (the CPU for one without any, or for a non-torch runtime's
+    stand-in such as an ONNX Runtime session)."""
+    params = module.parameters() if isinstance(module, torch.nn.Module) else iter(())
+    return next((p.device for p in params), torch.device("cpu"))
 
 
 def _randn(shape: tuple, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:

@@ -59,6 +59,15 @@ def test_onnxruntime_generation_matches_torch(exported, lcm_folder):
     assert torch.allclose(ort.latents, ref.latents, atol=1e-4)
 
 
+def test_onnxruntime_pipeline_cannot_be_moved(exported):
+    from pocketdiff.backends.onnxruntime import load_onnx_pipeline
+
+    pipe = load_onnx_pipeline(exported, read_manifest(exported))
+    assert pipe.device == torch.device("cpu")
+    with pytest.raises(PocketdiffError, match="torch backend"):
+        pipe.to("cpu")
+
+
 def test_cfg_model_runs_at_double_batch(tiny_folder, tmp_path):
     from pocketdiff.backends.onnxruntime import load_onnx_pipeline
 

@@ -103,8 +103,9 @@ def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "a
     images, _, scenes = sample_batch(rng, n, split=split)
     recon = []
     for i in range(0, n, 64):
-        x = to_pixels(images[i:i + 64])
-        recon.append(to_uint8(vae.decode((encoder or vae).encode(x).latent_dist.mode()).sample))
+        enc = encoder or vae
+        z = enc.encode(to_pixels(images[i:i + 64]).to(enc.device)).latent_dist.mode()
+        recon.append(to_uint8(vae.decode(z.to(vae.device)).sample))
     recon = np.concatenate(recon)
     mse = ((recon.astype(np.float64) - images) ** 2).mean()
     summary = aggregate([check(r, s) for r, s in zip(recon, scenes)])

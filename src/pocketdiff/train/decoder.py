@@ -141,7 +141,7 @@ def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -
         res = pipe(captions[i:i + batch], seed=seed * 100_003 + i, output_type="latent", height=IMAGE_SIZE,
                    width=IMAGE_SIZE, **settings)
         z = res.latents / cfg.scaling_factor
-        out.append(z + cfg.shift_factor if getattr(cfg, "shift_factor", None) else z)
+        out.append((z + cfg.shift_factor if getattr(cfg, "shift_factor", None) else z).cpu())
     return torch.cat(out).float()
 
 
@@ -247,7 +247,10 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     if recipe.generated_fraction > 0:
         pipe = Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                         parts["scheduler_config"], runner="eager")
+        if torch.cuda.is_available():
+            pipe.to("cuda")
         generated = cached_generated(out, generator, pipe, recipe, cfg.seed)
+        pipe.to("cpu")  # the generator is saved with the pruned VAE at the end; the GPU is the training's
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
                       decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
                       monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)

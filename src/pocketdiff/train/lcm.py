@@ -117,7 +117,7 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
 def consistency_fn(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    prediction_type: str) -> torch.Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0(x, t): the parameterisation that makes f(x, 0) = x (LCM eq. 9)."""
-    c = torch.tensor([lcm_boundary(schedule, float(ti)) for ti in t], dtype=torch.float32)  # (B, 2)
+    c = torch.tensor([lcm_boundary(schedule, float(ti)) for ti in t], dtype=torch.float32).to(x)  # (B, 2)
     c_skip, c_out = c[:, 0].view(-1, 1, 1, 1), c[:, 1].view(-1, 1, 1, 1)
     a, s = _coeffs(schedule, t)
     return c_skip * x + c_out * to_x0(model_output, x, a, s, prediction_type)
