@@ -97,7 +97,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--runner", choices=("auto", "eager", "trace"), default="auto",
                    help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
-    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae)")
+    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae), "
+                                 "or a shipped one: shapes-vae-pruned (the channel-pruned Shapes VAE, ~1.5x faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
@@ -362,7 +363,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--clip", default=None,
                    help="a domain-CLIP folder (`train clip` writes OUT/clip) for CLIP score and FD (default: the "
                         "shipped shapes-clip if present, else n/a)")
-    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own")
+    p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own, or a shipped one (shapes-vae-pruned)")
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")

@@ -81,9 +81,13 @@ class Pipeline:
     @classmethod
     def from_folder(cls, path: str | Path, *, trust_pickle: bool = False, runner: str = "auto",
                     vae: str | Path | None = None) -> "Pipeline":
-        """Load a model folder; ``vae``: a VAE folder used instead of the folder's own (e.g. a pruned one)."""
+        """Load a model folder; ``vae``: a VAE folder, or a shipped VAE component by name (e.g.
+        ``shapes-vae-pruned``), used instead of the folder's own."""
+        from .models.components import shipped_components
+
         parts = folder_io.load_components(path, trust_pickle=trust_pickle)
         if vae is not None:
+            vae = shipped_components().get(str(vae), vae) if not Path(vae).exists() else vae
             parts["vae"] = folder_io.load_vae(vae, trust_pickle=trust_pickle)
             channels, expected = parts["vae"].config.latent_channels, parts["unet"].config.in_channels
             if channels != expected:
@@ -321,7 +325,8 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 def load_pipeline(path: str | Path = "default", *, trust_pickle: bool = False, runner: str = "auto",
                   vae: str | Path | None = None) -> Pipeline:
     """Load a local diffusers-format folder, or a shipped model by name (see ``pocketdiff models``);
-    ``vae``: a VAE folder to use instead of the model's own."""
+    ``vae``: a VAE folder, or a shipped VAE component by name (e.g. ``shapes-vae-pruned``), to decode with
+    instead of the model's own."""
     from .models.registry import resolve_model
 
     return Pipeline.from_folder(resolve_model(path), trust_pickle=trust_pickle, runner=runner, vae=vae)

@@ -91,3 +91,23 @@ def test_lcm_model_generates_with_its_card_defaults(tmp_path, capsys):
     assert code == 0, err
     meta = Image.open(tmp_path / "heart.png").text
     assert meta["sampler"] == card["sampler"] == "lcm" and meta["steps"] == str(card["steps"]) == "2"
+
+
+def test_pruned_vae_decodes_the_lcm_model_and_holds_its_quality(tmp_path, capsys):
+    """The shipped channel-pruned VAE: a plain AutoencoderKL with the teacher's latents, its measured
+    reconstruction quality on file, and usable by name through ``--vae``."""
+    from PIL import Image
+
+    from pocketdiff.folder import load_vae
+    from pocketdiff.models.components import shipped_components
+    from pocketdiff.testing import run_cli
+
+    folder = shipped_components()["shapes-vae-pruned"]
+    vae = load_vae(folder)
+    assert list(vae.config.block_out_channels) == [32, 32, 32] and vae.config.latent_channels == 4
+    quality = json.loads((folder / "quality.json").read_text())["quality"]
+    assert quality["decoder"]["all_correct"] >= 0.9 and quality["teacher"]["all_correct"] > quality["decoder"]["all_correct"]
+    code, _, err = run_cli(["generate", "a small red circle at the top left on a white background", "--model",
+                            "shapes-lcm", "--vae", "shapes-vae-pruned", "--no-progress", "-o", tmp_path / "c.png"], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "c.png").size == (64, 64)
