@@ -207,6 +207,20 @@ def test_generate_with_another_vae(tiny_folder, tmp_path, out, capsys):
     assert "not a VAE folder" in err
 
 
+def test_device_flag(tiny_folder, out, capsys):
+    import torch
+
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--steps", "2", "--device", "cpu"), capsys)
+    assert code == 0, err
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--device", "toaster"), capsys)
+    _assert_one_line_error(code, err)
+    assert "not a torch device" in err
+    if not torch.cuda.is_available():
+        code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--device", "cuda"), capsys)
+        _assert_one_line_error(code, err)
+        assert "sees no CUDA GPU" in err
+
+
 @pytest.mark.parametrize("extra", [["--sampler", "nope"], ["--height", "33", "--steps", "2"]],
                          ids=["argparse", "after-model-load"])
 def test_subprocess_error_has_no_traceback(tiny_folder, tmp_path, extra):

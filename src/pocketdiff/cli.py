@@ -98,7 +98,8 @@ def _add_generate(sub) -> None:
                    help="UNet execution: trace (TorchScript, less overhead), eager, or auto (trace when it pays off)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin/.ckpt) weights: they can run code")
     p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae), "
-                                 "or a shipped one: shapes-vae-pruned (the channel-pruned Shapes VAE, ~1.5x faster)")
+                                 "or a shipped one: shapes-vae-pruned (the channel-pruned Shapes VAE: less decode time)")
+    p.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
@@ -178,6 +179,24 @@ def save_png(image, path: Path, meta: dict) -> None:
             tmp.unlink()
 
 
+def _torch_device(name: str):
+    """``--device`` as a torch.device, checked against what this torch can reach."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PocketdiffError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PocketdiffError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; drop --device, or "
+                              "install a CUDA build of torch on a machine with one")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PocketdiffError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PocketdiffError(f"--device {name}: MPS (Apple GPU) is not available here; drop --device")
+    return device
+
+
 def cmd_generate(args) -> int:
     import statistics
     import time
@@ -210,8 +229,9 @@ def cmd_generate(args) -> int:
         if manifest is None or manifest.get("format") != "onnx":
             raise PocketdiffError(f"{folder}: not an ONNX export; create one with: pocketdiff export {args.model} "
                                   "--format onnx -o DIR, then pass --model DIR")
-        if args.attention_chunk is not None or args.vae_tile is not None or args.stream_unet or args.vae:
-            raise PocketdiffError("--vae and the model-level tiling flags apply to the torch backend only")
+        if args.attention_chunk is not None or args.vae_tile is not None or args.stream_unet or args.vae or \
+                args.device != "cpu":
+            raise PocketdiffError("--vae, --device and the model-level tiling flags apply to the torch backend only")
         from .backends.onnxruntime import load_onnx_pipeline
 
         pipe = load_onnx_pipeline(folder, manifest)
@@ -221,8 +241,13 @@ def cmd_generate(args) -> int:
                 "run it with its own runtime on the device"
             raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
         pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
+        device = _torch_device(args.device)
+        if device.type != "cpu" and args.stream_unet:
+            raise PocketdiffError("--stream-unet reads UNet blocks from disk into CPU memory; drop it or --device")
         pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile,
                            stream_unet=args.stream_unet)
+        if device.type != "cpu":
+            pipe.to(device)
     load_s = time.perf_counter() - t_load
     pipe.check_size(args.height, args.width)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
