@@ -121,3 +121,28 @@ def test_trajectory_chunks_resume_and_refuse_other_settings(teacher_folder, tmp_
     assert caps2 == caps and torch.allclose(again, first, atol=1e-6)
     with pytest.raises(ValueError, match="other settings"):
         cached_trajectories(tmp_path / "run", teacher_folder, StepRecipe(n_pairs=3, guidance=5.0), schedule, 0, chunk=2)
+
+
+def test_pixel_term_is_zero_on_the_target_and_reaches_the_student_through_the_decoder():
+    from pocketdiff.train.step import pixel_l1, step_batches, step_loss
+
+    c = tiny_components(0, prediction_type="v_prediction")
+    schedule = NoiseSchedule.from_config(c["scheduler_config"])
+    vae = c["vae"].eval().requires_grad_(False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert float(pixel_l1(vae, x, x, 4.0)) == 0.0
+    assert float(pixel_l1(vae, x + 0.5, x, 4.0)) > 0.0
+    enc = c["text_encoder"].requires_grad_(False)
+    traj = torch.randn(6, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = step_batches(traj, ["a red star"] * 6, c["tokenizer"], [999, 499], 3, 0)(0)
+    model = torch.nn.ModuleDict({"unet": c["unet"].requires_grad_(True)})
+    plain, _ = step_loss(enc, schedule, StepRecipe(), [999, 499])(model, batch, 0)
+    with_pixels, terms = step_loss(enc, schedule, StepRecipe(pixel_weight=2.0), [999, 499], vae)(model, batch, 0)
+    assert torch.allclose(with_pixels, plain + 2.0 * terms["pixel_l1"], rtol=1e-5) and terms["pixel_l1"] > 0
+    with_pixels.backward()
+    assert all(p.grad is not None for p in model["unet"].parameters())
+    assert all(p.grad is None for p in vae.parameters())
+    with pytest.raises(ValueError, match="needs the VAE"):
+        step_loss(enc, schedule, StepRecipe(pixel_weight=1.0), [999, 499])
+    with pytest.raises(ValueError, match="pixel_weight"):
+        StepRecipe(pixel_weight=-1.0)

@@ -12,7 +12,9 @@ step. Here, for a student grid t_0 > t_1 > ... > t_{K-1} (DDIM, trailing spacing
   2. **Loss**: for a pair and a student step i, the x0 the student must predict so that its DDIM step from
      x(t_i) lands exactly on the teacher's next point (DDIM solved for x0; on the last step, the end itself):
      x0* = (x(t_{i+1}) - (sigma'/sigma) x(t_i)) / (alpha' - sigma' alpha / sigma), and the loss is the
-     (optionally object-weighted) MSE between the student's x0 and x0*.
+     (optionally object-weighted) MSE between the student's x0 and x0*; optionally (``pixel_weight``) plus an
+     object-weighted L1 between the two decoded by a frozen VAE decoder, for the detail that is smaller than a
+     latent pixel.
 
 The student runs with pocketdiff's ``ddim`` sampler and diffusers' ``DDIMScheduler`` (trailing spacing, which
 the saved scheduler config sets) at K steps, without a CFG call. A student with a guidance-scale embedding
@@ -47,6 +49,11 @@ class StepRecipe:
     target: str = "segment"
     foreground_weight: float = 0.0  # extra weight of the loss on object regions (see teacher.TeacherRecipe)
     foreground_threshold: float = 1.0
+    # a pixel-space term: the student's x0 and its target decoded by a frozen VAE decoder, L1 on the pixels
+    # (object pixels weighted 1 + foreground_weight), so detail the latent MSE underweights (thin outlines,
+    # corners: below a latent pixel at 4x downsampling) counts as much as what the eye and the checker see
+    pixel_weight: float = 0.0
+    pixel_vae: str = ""  # the VAE folder (or shipped component) whose decoder the term uses ("" = the teacher's)
     monitor_n: int = 48
 
     def __post_init__(self) -> None:
@@ -57,6 +64,8 @@ class StepRecipe:
             raise ValueError(f"target must be segment or rollout, got {self.target!r}")
         if self.guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1: no guidance), got {self.guidance}")
+        if self.pixel_weight < 0:
+            raise ValueError(f"pixel_weight must be >= 0 (0: off), got {self.pixel_weight}")
 
 
 def student_grid(schedule: NoiseSchedule, k: int) -> list[int]:
@@ -175,10 +184,29 @@ def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tenso
     return torch.where(last.view(-1, 1, 1, 1), x_next, solved)
 
 
-def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: list[int] | None = None):
+def pixel_l1(vae, x0: torch.Tensor, target: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Object-weighted L1 between the decodings of two diffusers-scale latent batches by a frozen VAE decoder
+    (the gradient reaches ``x0`` through it); weights 1 + ``foreground_weight`` on the target's object pixels."""
+    from .autoencoder import foreground_weights
+
+    cfg = vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        want = vae.decode(target / cfg.scaling_factor + shift).sample
+    got = vae.decode(x0 / cfg.scaling_factor + shift).sample
+    w = foreground_weights(want, foreground_weight)  # (B, 1, H, W)
+    return (w * (got - want).abs()).sum() / (w.sum() * got.shape[1])
+
+
+def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: list[int] | None = None,
+              pixel_vae=None):
     """Direct step distillation as a recipe loss ``(model, batch, step) -> (loss, terms)``; model = {"unet"}.
-    ``grid`` (the student's timesteps) is needed for ``recipe.target == "rollout"``."""
+    ``grid`` (the student's timesteps) is needed for ``recipe.target == "rollout"``; ``pixel_vae`` (frozen) for
+    ``recipe.pixel_weight > 0``."""
     from .lcm import ddim_step
+
+    if recipe.pixel_weight > 0 and pixel_vae is None:
+        raise ValueError("pixel_weight > 0 needs the VAE whose decoder the pixel term uses")
 
     def student_x0(student, x, t, cond):
         dim = getattr(student.config, "time_cond_proj_dim", None)
@@ -205,7 +233,12 @@ def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: l
             x0 = student_x0(student, x, t, cond)
         err = (x0.float() - target.float()).pow(2)
         loss = region_weighted_mean(err, batch["end"], recipe.foreground_weight, recipe.foreground_threshold).mean()
-        return loss, {"mse": float(err.mean().detach())}
+        terms = {"mse": float(err.mean().detach())}
+        if recipe.pixel_weight > 0:
+            pix = pixel_l1(pixel_vae, x0.float(), target.float(), recipe.foreground_weight)
+            loss = loss + recipe.pixel_weight * pix
+            terms["pixel_l1"] = float(pix.detach())
+        return loss, terms
 
     return loss_fn
 
@@ -243,11 +276,22 @@ def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True
     guidance = recipe.guidance if getattr(model["unet"].config, "time_cond_proj_dim", None) else 1.0
     monitor = sampling_monitor(vae, tokenizer, copy.deepcopy(text_encoder), sched_cfg, guidance, recipe.monitor_n,
                                recipe.student_steps, sampler="ddim")
-    trainer = Trainer(cfg, model, step_loss(text_encoder, schedule, recipe, grid),
+    pixel_vae = None
+    if recipe.pixel_weight > 0:
+        from ..folder import load_vae
+        from ..models.components import resolve_component
+
+        pixel_vae = load_vae(resolve_component(recipe.pixel_vae)) if recipe.pixel_vae else copy.deepcopy(vae)
+        if pixel_vae.config.latent_channels != vae.config.latent_channels:
+            raise ValueError(f"{recipe.pixel_vae}: its latents do not fit the teacher's VAE")
+        pixel_vae.eval().requires_grad_(False)
+    trainer = Trainer(cfg, model, step_loss(text_encoder, schedule, recipe, grid, pixel_vae),
                       step_batches(traj, captions, tokenizer, grid, cfg.batch_size, cfg.seed,
                                    rollout=recipe.target == "rollout"),
                       monitor=monitor if cfg.monitor_every_s > 0 else None)
     text_encoder.to(trainer.accelerator.device)
+    if pixel_vae is not None:
+        pixel_vae.to(trainer.accelerator.device)
     trainer.run(resume=resume)
     folder = out / "model"
     if not trainer.accelerator.is_main_process:
