@@ -292,7 +292,12 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                       "`tlite-step-2` trained on by the same recipe on an H200 with 16000 trajectories at 8 solver "
                       "steps per student step, batch 256, lr 1e-4 (4000 steps, about 8 minutes; best check of 128 "
                       "prompts kept, at step 1153): five times the pairs and a more exact teacher left 2-step "
-                      "quality where it was, so the student, not its data, is what limits it. "
+                      "quality where it was, so the student, not its data, is what limits it. `tlite-step-pix-2` "
+                      "is `tlite-step-2` trained on with the pixel term added (`--pixel-weight 1 --pixel-vae "
+                      "shapes-vae-pruned`: object-weighted L1 between the decodings of the student's x0 and its "
+                      "target by the pruned decoder; same trajectories, lr 1e-4, 45 minutes, best check of 96 "
+                      "prompts kept); it is tuned to the decoder it was trained through, so it gains with it "
+                      "and loses with the original. "
                       "`step-teacher-size-2` is the teacher-size LCM + step distillation of the two-step section, "
                       "for scale. `training steps` is each run's kept step (of that run only)."),
     "quant": ("W8A16 weight-only quantization (issue 6)",
