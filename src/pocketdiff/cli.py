@@ -240,10 +240,10 @@ def cmd_generate(args) -> int:
             hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
                 "run it with its own runtime on the device"
             raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
-        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
-        device = _torch_device(args.device)
+        device = _torch_device(args.device)  # checked before the model loads
         if device.type != "cpu" and args.stream_unet:
             raise PocketdiffError("--stream-unet reads UNet blocks from disk into CPU memory; drop it or --device")
+        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
         pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile,
                            stream_unet=args.stream_unet)
         if device.type != "cpu":
