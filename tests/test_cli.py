@@ -212,9 +212,10 @@ def test_device_flag(tiny_folder, out, capsys):
 
     code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--steps", "2", "--device", "cpu"), capsys)
     assert code == 0, err
-    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--device", "toaster"), capsys)
-    _assert_one_line_error(code, err)
-    assert "not a torch device" in err
+    for bad in ("toaster", "meta"):
+        code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--device", bad), capsys)
+        _assert_one_line_error(code, err)
+        assert "not a device pocketdiff runs on" in err
     if not torch.cuda.is_available():
         code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", out, "--overwrite", "--device", "cuda"), capsys)
         _assert_one_line_error(code, err)

@@ -186,7 +186,9 @@ def _torch_device(name: str):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise PocketdiffError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise PocketdiffError(f"--device {name}: not a device pocketdiff runs on; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PocketdiffError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; drop --device, or "
                               "install a CUDA build of torch on a machine with one")
