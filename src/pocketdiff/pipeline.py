@@ -181,10 +181,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] from diffusers-scale latents."""
-        cfg = self.vae.config
-        z = latents.to(_module_device(self.vae)) / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None):
-            z = z + cfg.shift_factor
+        z = decoder_input(latents.to(_module_device(self.vae)), self.vae.config)
         if self.vae_tile:
             from .tiling import tiled_decode
 
@@ -295,6 +292,13 @@ class Pipeline:
             images = to_pil(pixels)
         timings.total = time.perf_counter() - t_start
         return GenerationResult(images, latents, prompts, seeds, timings)
+
+
+def decoder_input(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """Diffusers-scale latents (what the UNet sees) as the VAE decoder's input: unscaled, unshifted."""
+    z = latents / vae_config.scaling_factor
+    shift = getattr(vae_config, "shift_factor", None)
+    return z + shift if shift else z
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:

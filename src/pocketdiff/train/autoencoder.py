@@ -69,6 +69,11 @@ def foreground_weights(x: torch.Tensor, extra: float) -> torch.Tensor:
     return 1.0 + extra * fg
 
 
+def weighted_mean(err: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-pixel error (B, C, H, W) under pixel weights (B, 1, H, W) (e.g. :func:`foreground_weights`)."""
+    return (w * err).sum() / (w.sum() * err.shape[1])
+
+
 def init_posterior(vae, logvar: float) -> None:
     """Set the bias of the log-variance half of ``quant_conv`` so early training is not drowned in noise."""
     c = vae.config.latent_channels

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .autoencoder import foreground_weights, reconstruction_quality, to_pixels
+from .autoencoder import foreground_weights, reconstruction_quality, to_pixels, weighted_mean
 
 DEFAULT_TRAIN = dict(out_dir="runs/shapes-decoder", steps=2000, batch_size=16, lr=5e-4, warmup_steps=50,
                      log_every=50, checkpoint_every=200, monitor_every_s=180, ema_decay=0.999)
@@ -133,6 +133,7 @@ def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -
     from tqdm import tqdm
 
     from ..data.shapes import IMAGE_SIZE, sample_batch
+    from ..pipeline import decoder_input
 
     _, captions, _ = sample_batch(np.random.default_rng([seed, 99]), n, split="train")
     cfg = pipe.vae.config
@@ -140,8 +141,7 @@ def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -
     for i in tqdm(range(0, n, batch), desc="generated latents", unit="batch"):
         res = pipe(captions[i:i + batch], seed=seed * 100_003 + i, output_type="latent", height=IMAGE_SIZE,
                    width=IMAGE_SIZE, **settings)
-        z = res.latents / cfg.scaling_factor
-        out.append((z + cfg.shift_factor if getattr(cfg, "shift_factor", None) else z).cpu())
+        out.append(decoder_input(res.latents, cfg).cpu())
     return torch.cat(out).float()
 
 
@@ -194,9 +194,8 @@ def decoder_loss(teacher, recipe: DecoderRecipe):
             target = teacher.decode(z).sample
         out = student.decode(z).sample
         w = foreground_weights(target, recipe.foreground_weight)  # (B, 1, H, W)
-        norm = w.sum() * out.shape[1]
-        l1 = (w * (out - target).abs()).sum() / norm
-        l2 = (w * (out - target).pow(2)).sum() / norm
+        l1 = weighted_mean((out - target).abs(), w)
+        l2 = weighted_mean((out - target).pow(2), w)
         loss = l1 + recipe.l2_weight * l2
         logs = {"l1": float(l1), "l2": float(l2)}
         if recipe.encoder_weight > 0:

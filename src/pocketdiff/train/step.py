@@ -187,15 +187,13 @@ def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tenso
 def pixel_l1(vae, x0: torch.Tensor, target: torch.Tensor, foreground_weight: float) -> torch.Tensor:
     """Object-weighted L1 between the decodings of two diffusers-scale latent batches by a frozen VAE decoder
     (the gradient reaches ``x0`` through it); weights 1 + ``foreground_weight`` on the target's object pixels."""
-    from .autoencoder import foreground_weights
+    from ..pipeline import decoder_input
+    from .autoencoder import foreground_weights, weighted_mean
 
-    cfg = vae.config
-    shift = getattr(cfg, "shift_factor", None) or 0.0
     with torch.no_grad():
-        want = vae.decode(target / cfg.scaling_factor + shift).sample
-    got = vae.decode(x0 / cfg.scaling_factor + shift).sample
-    w = foreground_weights(want, foreground_weight)  # (B, 1, H, W)
-    return (w * (got - want).abs()).sum() / (w.sum() * got.shape[1])
+        want = vae.decode(decoder_input(target, vae.config)).sample
+    got = vae.decode(decoder_input(x0, vae.config)).sample
+    return weighted_mean((got - want).abs(), foreground_weights(want, foreground_weight))
 
 
 def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: list[int] | None = None,
