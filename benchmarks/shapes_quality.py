@@ -1,11 +1,12 @@
 """Measure the Shapes VAE and teacher, writing docs/results/shapes_vae.json and shapes_teacher.json.
 
     python benchmarks/shapes_quality.py vae [--vae FOLDER] [--n 1000]
-    python benchmarks/shapes_quality.py teacher [--model default] [--n 500] [--sweep-n 200]
+    python benchmarks/shapes_quality.py teacher [--model default] [--n 500] [--sweep-n 200] [--log RUN/log.jsonl]
     python benchmarks/shapes_quality.py decoder --vae PRUNED_VAE [--teacher-vae DIR] [--n 1000]
 
 The teacher is measured as the issue asks: 50 DDIM steps, a sweep of guidance scales on ``--sweep-n``
-fresh prompts, then the best scale on ``--n`` fresh prompts (other seeds than the sweep).
+fresh prompts, then the best scale on ``--n`` fresh prompts (other seeds than the sweep), and the UNet's
+object-pixel loss over the Bayes-optimal denoiser's per timestep (``pocketdiff.eval.bayes``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,24 @@ def measure_decoders(teacher_dir: Path, vae_dirs: list[Path], n: int, batch: int
     return {"n": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
 
 
+def learning_curve(log: Path | None, batch_size: int | None) -> list[dict]:
+    """The monitor checks of a training run's log.jsonl (step, samples seen, and the check's metrics)."""
+    if log is None:
+        return []
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "samples": r["step"] * batch_size if batch_size else None, **r["monitor"]}
+            for r in rows if "monitor" in r]
+
+
+def measure_ratios(pipe, n: int) -> dict:
+    """Object-pixel v-loss of the UNet over the Bayes-optimal denoiser's, per timestep (single-object scenes)."""
+    from pocketdiff.eval.bayes import object_loss_ratios, single_object_scenes
+
+    return {"n": n, "by_t": object_loss_ratios(pipe, single_object_scenes(n, seed=77))}
+
+
 def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], steps: int,
-                    clip_dir: str | None = None) -> dict:
+                    clip_dir: str | None = None, ratio_n: int = 96) -> dict:
     from pocketdiff.eval.clip import load_domain_clip
     from pocketdiff.pipeline import Pipeline
 
@@ -102,7 +119,9 @@ def measure_teacher(model: str, n: int, sweep_n: int, guidances: list[float], st
         print(f"guidance {g}: all-correct {r['all_correct']:.3f}", file=sys.stderr, flush=True)
     best_g = max(sweep, key=lambda r: r["all_correct"])["guidance"]
     best = evaluate(pipe, n=n, steps=steps, sampler="ddim", guidance=best_g, seed=0, clip=clip)
-    return {"name": folder.name, "folder": str(folder), "model": info, "sweep": sweep, "best": best}
+    card = json.loads((folder / "pocketdiff.json").read_text()) if (folder / "pocketdiff.json").is_file() else {}
+    return {"name": folder.name, "folder": str(folder), "model": info, "sweep": sweep, "best": best,
+            "steps_trained": card.get("steps_trained"), "object_loss_ratios": measure_ratios(pipe, ratio_n)}
 
 
 def write_card(folder: Path, r: dict) -> None:
@@ -142,6 +161,10 @@ def main(argv=None) -> int:
     t.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
     t.add_argument("--clip", default=None, help="domain-CLIP folder (default: the shipped shapes-clip, if any)")
     t.add_argument("--write-card", action="store_true", help="store the results in the model folder's card")
+    t.add_argument("--ratio-n", type=int, default=96, help="single-object scenes for the Bayes-optimal loss ratios")
+    t.add_argument("--log", type=Path, default=None, help="the run's log.jsonl: its checks become the learning curve")
+    t.add_argument("--batch-size", type=int, default=None, help="the run's batch size (samples = steps x this)")
+    t.add_argument("--out", default="shapes_teacher.json", help="file name under docs/results/")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.what == "vae":
@@ -162,8 +185,9 @@ def main(argv=None) -> int:
         r = measure_decoders(args.teacher_vae or resolve_model("default") / "vae", args.vae, args.n)
         (RESULTS / "shapes_decoder.json").write_text(json.dumps(r, indent=2))
     else:
-        r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps, args.clip)
-        (RESULTS / "shapes_teacher.json").write_text(json.dumps(r, indent=2, default=float))
+        r = measure_teacher(args.model, args.n, args.sweep_n, args.guidance, args.steps, args.clip, args.ratio_n)
+        r["learning_curve"] = learning_curve(args.log, args.batch_size)
+        (RESULTS / args.out).write_text(json.dumps(r, indent=2, default=float))
         if args.write_card:
             write_card(Path(r["folder"]), r)
     print(json.dumps(r if args.what in ("vae", "decoder") else r["best"], indent=2, default=float)[:2000])

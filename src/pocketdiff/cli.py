@@ -576,6 +576,8 @@ def cmd_train(args) -> int:
             raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
     if args.recipe in ("teacher", "kd") and recipe.init_from:
         recipe.init_from = str(resolve_model(recipe.init_from))
+    if args.recipe == "teacher" and recipe.text_init_from:
+        recipe.text_init_from = str(resolve_model(recipe.text_init_from))
     if args.recipe == "vae" and recipe.init_from:
         recipe.init_from = str(resolve_component(recipe.init_from))
     if args.recipe == "lcm" and recipe.student != "teacher":

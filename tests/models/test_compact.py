@@ -7,10 +7,11 @@ from diffusers import UNet2DConditionModel
 
 from pocketdiff.models import presets
 from pocketdiff.models.compact import (BK_INHERITANCE, BK_VARIANTS, COMPACT_PRESETS, bk_sdm_config,
-                                       drop_highest_res_attention, init_student_from_teacher, inheritance_map,
+                                       drop_highest_res_attention, inheritance_for, init_student_from_teacher,
+                                       inheritance_map,
                                        INHERIT_VARIANTS, mobile_config, resolve)
 from pocketdiff.models.presets import SD15_UNET
-from pocketdiff.train.teacher import SHAPES_UNET
+from pocketdiff.train.teacher import SHAPES_UNET, SHAPES_UNET_V2
 
 # Published BK-SDM parameter counts for the SD-v1.5 UNet (teacher: 859,520,964).
 BK_SD15_PARAMS = {"base": 579_384_964, "small": 482_346_884, "tiny": 323_384_964}
@@ -165,10 +166,27 @@ def test_teacher_lite_keeps_every_other_teacher_tensor(shapes_teacher):
     assert all(torch.equal(v, t_sd[k]) for k, v in lite.state_dict().items())
 
 
-def test_drop_highest_res_attention_refuses_a_stage_without_attention():
-    cfg = drop_highest_res_attention(dict(SD15_UNET))
+def test_drop_highest_res_attention_takes_the_highest_stage_with_attention_and_refuses_none():
+    cfg = dict(SD15_UNET)
+    for stage in range(3):  # SD-v1.5 has attention at its three highest-resolution stages
+        cfg = drop_highest_res_attention(cfg)
+        assert cfg["down_block_types"][stage] == "DownBlock2D" and cfg["up_block_types"][-1 - stage] == "UpBlock2D"
     with pytest.raises(ValueError, match="no attention"):
         drop_highest_res_attention(cfg)
+
+
+@pytest.mark.parametrize("preset", sorted(COMPACT_PRESETS))
+def test_every_preset_applies_to_the_v2_teacher_and_inherits_from_it(preset):
+    """v2 has three stages and no attention at 16x16: every preset still derives a student that builds, and
+    the BK-SDM map seeds it with teacher tensors of matching shapes."""
+    teacher = meta_unet(SHAPES_UNET_V2)
+    student = meta_unet(COMPACT_PRESETS[preset](SHAPES_UNET_V2))
+    assert 0 < n_params(student) < n_params(teacher)
+    variant = inheritance_for(preset, SHAPES_UNET_V2)
+    if variant:
+        report = init_student_from_teacher(student, teacher, variant)
+        assert len(report["copied"]) > 2 * len(report["skipped"])
+    assert inheritance_for(preset, SHAPES_UNET) == BK_INHERITANCE.get(preset)  # v1: as the table says
 
 
 def test_mobile_lite_inherits_all_but_the_cross_only_key_value_projections(shapes_teacher):

@@ -8,7 +8,8 @@ from pocketdiff.data.shapes import sample_batch
 from pocketdiff.schedule import NoiseSchedule
 from pocketdiff.train.autoencoder import (VAERecipe, foreground_weights, init_posterior, shapes_pixel_batches,
                                           to_pixels, to_uint8, vae_loss)
-from pocketdiff.train.teacher import (diffusion_loss, latent_batches, latent_foreground, region_weighted_mean,
+from pocketdiff.latents import latent_foreground, region_weighted_mean
+from pocketdiff.train.teacher import (diffusion_loss, latent_batches,
                                      shapes_tokenizer)
 
 

@@ -2,7 +2,7 @@
 
 Every preset is a function ``teacher_config -> config`` (a diffusers ``UNet2DConditionModel`` config), so
 the same preset applies to SD-v1.5 (``presets.SD15_UNET``) and to the Shapes teacher
-(``train.teacher.SHAPES_UNET``). Weight inheritance is data: ``inheritance_map`` returns a dict of student
+(``train.teacher.TEACHER_UNETS``: v1, four stages, and v2, three). Weight inheritance is data: ``inheritance_map`` returns a dict of student
 module prefix -> teacher module prefix, resolved tensor by tensor with shape checks.
 
 BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion"):
@@ -175,14 +175,18 @@ def init_student_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module
 
 
 def drop_highest_res_attention(config: dict) -> dict:
-    """``config`` with the transformer blocks of the highest-resolution stage removed (its first down block
-    and last up block become plain ``DownBlock2D``/``UpBlock2D``); ResNets and resamplers are unchanged, so
-    weight inheritance by name still applies to everything that is left."""
+    """``config`` with the transformer blocks of the highest-resolution stage that has any removed (that stage's
+    down block and its mirror up block become plain ``DownBlock2D``/``UpBlock2D``: stage 0 for SD-v1.5 and the
+    v1 Shapes teacher, stage 1 for the v2 teacher, which has none at 16x16); ResNets and resamplers are
+    unchanged, so weight inheritance by name still applies to everything that is left."""
     out = dict(config)
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    if not (_has_attention(down[0]) or _has_attention(up[-1])):
-        raise ValueError("the highest-resolution stage has no attention to remove")
-    down[0], up[-1] = "DownBlock2D", "UpBlock2D"
+    n = len(down)
+    with_attention = [i for i in range(n) if _has_attention(down[i]) or _has_attention(up[n - 1 - i])]
+    if not with_attention:
+        raise ValueError("the UNet has no attention to remove")
+    i = with_attention[0]
+    down[i], up[n - 1 - i] = "DownBlock2D", "UpBlock2D"
     out["down_block_types"], out["up_block_types"] = tuple(down), tuple(up)
     return out
 
@@ -256,4 +260,17 @@ COMPACT_PRESETS: dict[str, Callable[[dict], dict]] = {
 # preset -> the BK-SDM inheritance map its student is seeded with (presets not listed start from scratch).
 BK_INHERITANCE: dict[str, str] = {"teacher-lite": "full", "bk-base": "base", "bk-small": "small", "bk-tiny": "tiny",
                                   "bk-tiny-lite": "tiny",
-                                  "mobile-lite": "tiny"}  # mobile-lite has Tiny's stages and layer counts
+                                  "mobile-lite": "tiny"}  # on v1, mobile-lite has Tiny's stages and layer counts
+
+
+def inheritance_for(preset: str, teacher_config: dict) -> str | None:
+    """The inheritance variant that seeds ``preset``'s student of this teacher (None: from scratch).
+
+    BK_INHERITANCE names it for a teacher whose innermost stage has no attention (SD-v1.5, Shapes v1); where the
+    student keeps all the teacher's stages (mobile-lite of the v2 teacher, whose innermost stage has attention and
+    so is kept), the stage shift of the "tiny" map would misplace every block, and "base" is the right map.
+    """
+    variant = BK_INHERITANCE.get(preset)
+    if variant == "tiny" and _n_stages(COMPACT_PRESETS[preset](teacher_config)) == _n_stages(teacher_config):
+        return "base"
+    return variant

@@ -115,7 +115,8 @@ def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, 
     pairs = {k: v for k, (v, _, _) in matched_pairs(student, teacher).items()}
     taps_s = FeatureTaps(student, list(pairs))
     taps_t = FeatureTaps(teacher, list(pairs.values()))
-    from .teacher import noised, region_weighted_mean
+    from ..latents import region_weighted_mean
+    from .teacher import noised
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, h, w)
@@ -155,7 +156,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     from diffusers import UNet2DConditionModel
 
     from ..folder import load_components, save_components
-    from ..models.compact import BK_INHERITANCE, COMPACT_PRESETS, init_student_from_teacher
+    from ..models.compact import COMPACT_PRESETS, inheritance_for, init_student_from_teacher
     from .teacher import TeacherRecipe, cached_pool, latent_batches, monitor_fn
     from .trainer import Trainer, export_card
 
@@ -178,8 +179,9 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
         student.requires_grad_(True).train()
     else:
         student = UNet2DConditionModel(**config)
-    if recipe.inherit and recipe.student in BK_INHERITANCE and not recipe.init_from:
-        init_student_from_teacher(student, teacher, BK_INHERITANCE[recipe.student])
+    variant = inheritance_for(recipe.student, dict(teacher.config))
+    if recipe.inherit and variant and not recipe.init_from:
+        init_student_from_teacher(student, teacher, variant)
     latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     model = kd_model(student, teacher)
     loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)

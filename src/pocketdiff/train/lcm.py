@@ -39,7 +39,8 @@ import torch
 
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, lcm_boundary, to_eps, to_x0
-from .teacher import check_foreground, region_weighted_mean
+from ..latents import region_weighted_mean
+from .teacher import check_foreground
 
 # Linear layers of diffusers' UNet blocks that LCM-LoRA adapts (attention, feed-forward, projections).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",

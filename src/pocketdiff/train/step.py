@@ -33,7 +33,8 @@ import torch
 
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, timestep_grid, to_x0
-from .teacher import check_foreground, region_weighted_mean
+from ..latents import region_weighted_mean
+from .teacher import check_foreground
 
 
 @dataclass

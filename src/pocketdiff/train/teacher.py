@@ -23,18 +23,36 @@ import torch
 from tqdm import tqdm
 
 from ..data.shapes import VOCABULARY, sample_batch
+from ..latents import region_weighted_mean
 from ..schedule import NoiseSchedule, target_for
 from ..text.tokenizer import build_clip_tokenizer
 from .autoencoder import to_pixels
 from .trainer import TrainConfig, Trainer, export_card
 
-SHAPES_UNET = dict(
+# v1 (the first shipped teacher): SD-v1.5's four stages scaled down. Measured on it (issue 20): the 16x16 level held
+# 3.5% of the parameters in 32 channels, the 4x4 and 2x2 levels 83% and ignored the caption (swapping the shape word
+# there changed nothing), and cross-attention at 8x8 carried the shape word.
+SHAPES_UNET_V1 = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16, act_fn="silu",
     downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
 )
+# v2: three stages for a 16x16 latent (16, 8, 4), twice v1's channels at 16x16 (the level that draws outlines:
+# small objects are ~2.5 latent pixels across) and at 8x8 (the level that reads the shape word), cross-attention at
+# 8x8 and 4x4 and in the mid block, ResNets only at 16x16 (attention there was 0.2x of the step and carried +0.005 of
+# the object loss in v1). SD's block types throughout, so BK-SDM surgery and KD feature maps apply unchanged.
+# Train step (fwd + bwd, batch 32, 1 CPU thread): 1.63 s vs v1's 1.16 s; with attention at 16x16 too, 2.43 s.
+SHAPES_UNET_V2 = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 192),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+)
+TEACHER_UNETS = {"v1": SHAPES_UNET_V1, "v2": SHAPES_UNET_V2}
+SHAPES_UNET = SHAPES_UNET_V1  # the architecture the shipped teacher and its students' tests were built on
 SHAPES_TEXT = dict(
     hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
     max_position_embeddings=32, hidden_act="quick_gelu", projection_dim=128,
@@ -46,15 +64,18 @@ SHAPES_SCHEDULER = dict(
 )
 
 
-# The shipped recipe's schedule: 1.2-1.35 s per step at batch 48 on 2 CPU cores (~38 samples/s; the
-# 16x16 attention stage dominates), so 5400 steps is about 2 hours, plus ~4 minutes encoding the pool.
-DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=5400, batch_size=48, lr=1e-3, warmup_steps=200,
-                     log_every=50, checkpoint_every=200, monitor_every_s=600, ema_decay=0.999)
+# v2's schedule: 1.6 s per step at batch 32 on one CPU thread (~20 samples/s), so a 150-minute CPU chunk is ~5,500
+# steps; on a GPU the same recipe runs at a larger --batch-size. Long runs go in chunks that each end with a saved
+# model (--max-minutes) and the next starts --init-from it. Quality is checked every 20 minutes, the best check kept.
+DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=30000, batch_size=32, lr=6e-4, warmup_steps=300,
+                     log_every=50, checkpoint_every=200, monitor_every_s=1200, ema_decay=0.999,
+                     keep_best="all_correct")
 
 
 @dataclass
 class TeacherRecipe:
-    unet: dict = field(default_factory=lambda: dict(SHAPES_UNET))
+    arch: str = "v2"  # a TEACHER_UNETS preset (ignored with init_from, which keeps its folder's architecture)
+    unet: dict = field(default_factory=dict)  # an explicit UNet config; {} = the arch preset's
     text: dict = field(default_factory=lambda: dict(SHAPES_TEXT))
     scheduler: dict = field(default_factory=lambda: dict(SHAPES_SCHEDULER))
     pool_size: int = 60_000  # rendered scenes whose latents are computed once
@@ -67,15 +88,24 @@ class TeacherRecipe:
     # Extra loss weight on object regions of the latent (see latent_foreground). Objects cover ~7% of a Shapes
     # image, so a plain mean spends ~93% of the loss on flat background; with 0 the teacher drew the right
     # colour at the right place but as a blob (shape 31%).
-    foreground_weight: float = 0.0
+    # v2 trains with 4 from the start (v1 added it only for its last 1000 steps)
+    foreground_weight: float = 4.0
     foreground_threshold: float = 1.0  # latent distance (scaled latents) from the image's background code
     init_from: str = ""  # a trained model folder whose UNet and text encoder seed the run ("" = from scratch)
+    # a model folder whose trained text encoder (same tokenizer and config) seeds a from-scratch UNet's run
+    text_init_from: str = ""
     monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
     monitor_steps: int = 20
     monitor_guidance: float = 4.0
 
     def __post_init__(self) -> None:
         check_foreground(self.foreground_weight, self.foreground_threshold)
+        if self.arch not in TEACHER_UNETS:
+            raise ValueError(f"arch must be one of {', '.join(TEACHER_UNETS)}, got {self.arch!r}")
+        if not self.unet:
+            self.unet = dict(TEACHER_UNETS[self.arch])
+        if self.init_from and self.text_init_from:
+            raise ValueError("give init_from (UNet and text encoder) or text_init_from (text encoder only), not both")
 
 
 def check_foreground(weight: float, threshold: float) -> None:
@@ -94,6 +124,21 @@ def build_text_encoder(recipe: TeacherRecipe, tokenizer):
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **recipe.text)
     return CLIPTextModel(cfg)
+
+
+def initial_text_encoder(recipe: TeacherRecipe, tokenizer):
+    """A new text encoder, or ``recipe.text_init_from``'s trained one (it must share the tokenizer and config)."""
+    if not recipe.text_init_from:
+        return build_text_encoder(recipe, tokenizer)
+    from ..folder import load_components
+
+    text = load_components(recipe.text_init_from)["text_encoder"].float()
+    fresh = build_text_encoder(recipe, tokenizer)
+    ignored = {"_name_or_path": "", "dtype": None, "torch_dtype": None}  # where it was loaded from, in what dtype
+    if text.config.to_dict() | ignored != fresh.config.to_dict() | ignored:
+        raise ValueError(f"{recipe.text_init_from}: its text encoder's config differs from the recipe's; "
+                         "train it from scratch (no --text-init-from)")
+    return text.requires_grad_(True).train()
 
 
 @torch.no_grad()
@@ -175,25 +220,6 @@ def noised(schedule: NoiseSchedule, x0: torch.Tensor, seed: int):
     return t.to(x0.device), eps, a, s, a * x0 + s * eps
 
 
-def latent_foreground(x0: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """(B, 1, h, w) mask of a latent batch's object regions: latent pixels farther than ``threshold`` from the
-    image's background code (its per-channel median; the background fills most of an image), dilated by one
-    latent pixel so that object edges count. On the Shapes VAE it marks ~9% of pixels (~22% dilated)."""
-    bg = x0.flatten(2).median(dim=-1).values[..., None, None]  # (B, C, 1, 1)
-    fg = ((x0 - bg).norm(dim=1, keepdim=True) > threshold).float()  # (B, 1, h, w)
-    return torch.nn.functional.max_pool2d(fg, 3, stride=1, padding=1)
-
-
-def region_weighted_mean(err: torch.Tensor, x0: torch.Tensor, foreground_weight: float = 0.0,
-                         threshold: float = 1.0) -> torch.Tensor:
-    """Per-sample mean (B,) of a per-element error (B, C, h, w), weighted ``1 + foreground_weight`` on the
-    object regions of the clean latents ``x0`` (:func:`latent_foreground`); a plain mean when the weight is 0."""
-    if foreground_weight <= 0:
-        return err.mean(dim=(1, 2, 3))
-    w = 1.0 + foreground_weight * latent_foreground(x0, threshold)  # (B, 1, h, w)
-    return (w * err).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
-
-
 def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0, foreground_weight: float = 0.0,
                    foreground_threshold: float = 1.0):
     """The denoising loss of the schedule's prediction type, min-SNR weighted when ``min_snr_gamma > 0``, and
@@ -266,7 +292,7 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
         model.requires_grad_(True).train()
     else:
         model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
-                                     "text_encoder": build_text_encoder(recipe, tokenizer)})
+                                     "text_encoder": initial_text_encoder(recipe, tokenizer)})
     schedule = NoiseSchedule.from_config(recipe.scheduler)
     trainer = Trainer(cfg, model, diffusion_loss(schedule, recipe.min_snr_gamma, recipe.foreground_weight,
                                                  recipe.foreground_threshold),
