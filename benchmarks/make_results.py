@@ -56,7 +56,7 @@ def section_runtime() -> str:
 def section_vae() -> str:
     r = _load("shapes_vae.json")
     out = ["## Shapes VAE: checker on reconstructions of fresh renders\n",
-           "SHAPES.md requires >= 97% all-correct on reconstructions before a UNet is trained on the latents. "
+           "docs/SHAPES.md requires >= 97% all-correct on reconstructions before a UNet is trained on the latents. "
            "Source: `python benchmarks/shapes_quality.py vae`.\n"]
     if not r:
         return "\n".join(out) + _missing("python benchmarks/shapes_quality.py vae")

@@ -1,4 +1,4 @@
-"""Tests of the Shapes generator, captions and renderer (SHAPES.md)."""
+"""Tests of the Shapes generator, captions and renderer (docs/SHAPES.md)."""
 
 import dataclasses
 import json

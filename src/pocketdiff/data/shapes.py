@@ -1,4 +1,4 @@
-"""The Shapes domain: captioned scenes of coloured shapes on a 3 x 3 grid (spec: SHAPES.md).
+"""The Shapes domain: captioned scenes of coloured shapes on a 3 x 3 grid (spec: docs/SHAPES.md).
 
 A scene holds 1 to 3 objects, each a (shape, colour, size) in its own grid cell, on a plain
 background of another palette colour. This module samples scenes, writes and parses their

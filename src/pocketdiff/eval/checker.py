@@ -1,6 +1,6 @@
 """Analytic checker for Shapes images: does a 64 x 64 image show what its caption says?
 
-Method (SHAPES.md, "What a checker measures"):
+Method (docs/SHAPES.md, "The checker"):
 1. Background: the palette colour nearest to most pixels; its measured colour is the median of
    those pixels.
 2. Foreground: pixels farther than FOREGROUND_DISTANCE (sRGB, Euclidean) from the background,

@@ -1,6 +1,6 @@
 """The Shapes autoencoder: an AutoencoderKL (64x64 RGB -> 16x16x4) and its recipe.
 
-SHAPES.md warns that the VAE sets the ceiling of every model trained on its latents, so training is
+docs/SHAPES.md warns that the VAE sets the ceiling of every model trained on its latents, so training is
 monitored by the analytic checker on *reconstructions* of fresh renders (target >= 97% all-correct).
 Loss (LDM's, without the GAN): pixel L1 + L2, plus a KL term at LDM's relative weight 1e-6 (per-sample
 sums), which keeps the latent space smooth without costing detail.
