@@ -30,7 +30,7 @@ _TRANSFORMERS_MODELS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing; the folder is not a complete diffusers model folder")
     try:
@@ -45,21 +45,32 @@ def read_model_index(folder: Path) -> dict:
         raise ModelFolderError(f"{folder}: no such model folder; pass --model a local diffusers folder")
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: is a file, not a model folder; pass the folder that holds model_index.json")
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     for name in REQUIRED:
         if name not in index or not (folder / name).is_dir():
             raise ModelFolderError(f"{folder / name}: component '{name}' is missing; the folder needs {', '.join(REQUIRED)}")
     return index
 
 
-def _weight_files(sub: Path, stem: str) -> list[Path]:
+def component_class(index: dict, name: str) -> str:
+    """The class name model_index.json gives component ``name`` (``["diffusers", "UNet2DConditionModel"]``)."""
+    entry = index[name]
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else str(entry)
+
+
+def weight_stem(class_name: str) -> str:
+    """The weight file stem of a component class: diffusers' ``diffusion_pytorch_model``, transformers' ``model``."""
+    return "diffusion_pytorch_model" if class_name in _DIFFUSERS_MODELS else "model"
+
+
+def weight_files(sub: Path, stem: str) -> list[Path]:
     """Safetensors files of a component (one file or a sharded index), else raise naming what is there."""
     single = sub / f"{stem}.safetensors"
     if single.is_file():
         return [single]
     index = sub / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         missing = [s for s in shards if not (sub / s).is_file()]
         if missing:
             raise ModelFolderError(f"{sub / missing[0]}: shard listed in {index.name} is missing")
@@ -75,7 +86,7 @@ def load_state_dict(sub: Path, stem: str, trust_pickle: bool = False) -> dict[st
     """All tensors of a component's weights, from safetensors (or, if trusted, a pickle file)."""
     from safetensors.torch import load_file
 
-    files = _weight_files(sub, stem)
+    files = weight_files(sub, stem)
     if files:
         state: dict[str, torch.Tensor] = {}
         for f in files:
@@ -127,7 +138,7 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
     """Build a diffusers or transformers model from ``sub/config.json`` and load its weights."""
     from accelerate import init_empty_weights
 
-    config = _read_json(sub / "config.json")
+    config = read_json(sub / "config.json")
     if class_name in _DIFFUSERS_MODELS:
         import diffusers
 
@@ -153,12 +164,27 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
         raise ModelFolderError(f"{sub}: component class {class_name!r} is not supported "
                                f"(supported: {', '.join(_DIFFUSERS_MODELS + _TRANSFORMERS_MODELS)})")
     if (sub / "quantization.json").is_file():  # int8 weights written by `pocketdiff quantize`
-        from .quant import load_quantized
-
-        return load_quantized(model, sub, stem)
+        return _load_quantized(model, sub, stem)
     state = load_state_dict(sub, stem, trust_pickle)
     _check_and_load(model, state, sub, stem)
     return model.eval().requires_grad_(False)
+
+
+def _load_quantized(model: torch.nn.Module, sub: Path, stem: str) -> torch.nn.Module:
+    """Int8 weights into ``model`` (built on the meta device from config.json), converted to their runtime.
+
+    Safetensors only: a quantized component never reads a pickle, ``--trust-pickle`` or not.
+    """
+    from .quant.core import QUANT_FILE, QuantSpec, finish_quantized, swap_in_quantized
+
+    spec_path = sub / QUANT_FILE
+    spec = QuantSpec.read(spec_path)
+    if not weight_files(sub, stem):
+        raise ModelFolderError(f"{sub / stem}.safetensors: missing; a quantized component is read from "
+                               "safetensors only (pickle weights are refused)")
+    swap_in_quantized(model, spec, spec_path, sub / "config.json")
+    _check_and_load(model, load_state_dict(sub, stem, trust_pickle=False), sub, stem)
+    return finish_quantized(model, spec, spec_path, sub / f"{stem}.safetensors")
 
 
 _VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -169,7 +195,7 @@ def load_vae(path: str | os.PathLike, trust_pickle: bool = False) -> torch.nn.Mo
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path}: not a VAE folder (no config.json); pass a folder such as MODEL/vae")
-    class_name = _read_json(path / "config.json").get("_class_name", "AutoencoderKL")
+    class_name = read_json(path / "config.json").get("_class_name", "AutoencoderKL")
     if class_name not in _VAE_CLASSES:
         raise ModelFolderError(f"{path}: a {class_name}, not a VAE ({' or '.join(_VAE_CLASSES)})")
     return load_model(path, class_name, trust_pickle)
@@ -194,10 +220,9 @@ def load_components(folder: str | os.PathLike, trust_pickle: bool = False) -> di
     index = read_model_index(folder)
 
     def cls_of(name: str) -> str:
-        entry = index[name]
-        return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else str(entry)
+        return component_class(index, name)
 
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     return {
         "unet": load_model(folder / "unet", cls_of("unet"), trust_pickle),
         "vae": load_model(folder / "vae", cls_of("vae"), trust_pickle),

@@ -52,7 +52,7 @@ def test_count_params():
 
 
 def test_count_params_counts_int8_weights_of_a_quantized_model():
-    from pocketdiff.quant.weight_only import quantize_module
+    from pocketdiff.quant.core import quantize_module
 
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Conv2d(3, 4, 3))
     before = count_params(model)

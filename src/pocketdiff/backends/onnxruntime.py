@@ -55,7 +55,7 @@ class OrtDecoder(_Graph):
 
 
 def load_onnx_pipeline(folder: str | Path, manifest: dict, threads: int | None = None):
-    from ..folder import _read_json, load_tokenizer
+    from ..folder import load_tokenizer, read_json
     from ..pipeline import Pipeline
 
     folder = Path(folder)
@@ -69,7 +69,7 @@ def load_onnx_pipeline(folder: str | Path, manifest: dict, threads: int | None =
     vae = OrtDecoder(folder, comps["vae_decoder"], threads)
     unet.scale = 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = Pipeline(unet, vae, OrtTextEncoder(folder, comps["text_encoder"], threads),
-                    load_tokenizer(folder / "tokenizer"), _read_json(folder / "scheduler" / "scheduler_config.json"),
+                    load_tokenizer(folder / "tokenizer"), read_json(folder / "scheduler" / "scheduler_config.json"),
                     runner="eager", name=folder.name)
     pipe.source = folder
     return pipe

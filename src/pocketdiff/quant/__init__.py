@@ -1,9 +1,11 @@
-"""Post-training quantization of model folders (``pocketdiff quantize``): int8 weights, float activations."""
+"""Post-training quantization: int8 weights, float activations.
 
-from .weight_only import (MODES, QUANT_FILE, RUNTIMES, QuantConv2d, QuantLinear, QuantSpec, convert,
-                          dequantize_per_channel, load_quantized, quantize_folder, quantize_module,
-                          quantize_per_channel, quantized_state_dict, relative_error)
+``core`` holds the format, the int8 modules and the runtimes (torch only; ``folder`` loads quantized components
+with it); ``weight_only`` writes quantized folders (``pocketdiff quantize``) and checks them, above ``folder``.
+"""
+
+from .core import (MODES, QUANT_FILE, RUNTIMES, QuantConv2d, QuantLinear, QuantSpec, convert, dequantize_per_channel,
+                   quantize_module, quantize_per_channel, quantized_state_dict)
 
 __all__ = ["MODES", "QUANT_FILE", "RUNTIMES", "QuantConv2d", "QuantLinear", "QuantSpec", "convert",
-           "dequantize_per_channel", "load_quantized", "quantize_folder", "quantize_module", "quantize_per_channel",
-           "quantized_state_dict", "relative_error"]
+           "dequantize_per_channel", "quantize_module", "quantize_per_channel", "quantized_state_dict"]
