@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                 f"| PSNR dB | all-correct % | colour % | shape % | size % | background % | no extra % |\n"
                 f"|---|---|---|---|---|---|---|\n| {r['psnr']:.2f} | {100 * r['all_correct']:.1f} | "
                 f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['size']:.1f} | "
-                f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\nSHAPES.md's gate for training a UNet "
+                f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\ndocs/SHAPES.md's gate for training a UNet "
                 f"on these latents is >= 97% all-correct.\n")
     elif args.what == "decoder":
         r = measure_decoders(args.teacher_vae or resolve_model("default") / "vae", args.vae, args.n)
