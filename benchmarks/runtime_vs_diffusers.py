@@ -34,7 +34,8 @@ def small_components() -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from pocketdiff.train.autoencoder import SHAPES_VAE
-    from pocketdiff.train.teacher import SHAPES_SCHEDULER, SHAPES_UNET, TeacherRecipe, build_text_encoder, shapes_tokenizer
+    from pocketdiff.text.tokenizer import shapes_tokenizer
+    from pocketdiff.train.teacher import SHAPES_SCHEDULER, SHAPES_UNET, TeacherRecipe, build_text_encoder
 
     torch.manual_seed(0)
     tok = shapes_tokenizer()

@@ -107,7 +107,7 @@ def test_streaming_needs_a_weights_file():
 
 def _big_scene_latents(vae):
     from pocketdiff.data.shapes import sample_batch
-    from pocketdiff.train.autoencoder import to_pixels
+    from pocketdiff.latents import to_pixels
 
     images, _, _ = sample_batch(np.random.default_rng(0), 16)
     big = np.concatenate([np.concatenate(images[4 * r:4 * r + 4], 1) for r in range(4)], 0)[None]  # 256 px

@@ -530,8 +530,8 @@ def _add_train(sub) -> None:
         p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
         return p
 
-    from .eval.clip import DEFAULT_TRAIN as CLIP_TRAIN
     from .eval.clip import ClipConfig
+    from .train.clip import DEFAULT_TRAIN as CLIP_TRAIN
     from .train.decoder import DEFAULT_TRAIN as DECODER_TRAIN
     from .train.decoder import DecoderRecipe
     from .train.kd import DEFAULT_TRAIN as KD_TRAIN
@@ -593,7 +593,7 @@ def cmd_train(args) -> int:
 
             out = train_vae(cfg, recipe, resume=resume)
         elif args.recipe == "clip":
-            from .eval.clip import train_clip
+            from .train.clip import train_clip
 
             out = train_clip(cfg, recipe, resume=resume)
         elif args.recipe == "teacher":

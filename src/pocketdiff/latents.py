@@ -1,9 +1,15 @@
-"""Operations on batches of diffusers-scale latents that training and evaluation share: object masks and the
-object-weighted mean the recipes' losses and the diagnostics use."""
+"""Tensors that training and evaluation share: images as model pixels, and on batches of diffusers-scale
+latents the object masks and the object-weighted mean that the recipes' losses and the diagnostics use."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def latent_foreground(x0: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:

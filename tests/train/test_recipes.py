@@ -6,11 +6,11 @@ import torch
 
 from pocketdiff.data.shapes import sample_batch
 from pocketdiff.schedule import NoiseSchedule
+from pocketdiff.latents import latent_foreground, region_weighted_mean, to_pixels
 from pocketdiff.train.autoencoder import (VAERecipe, foreground_weights, init_posterior, shapes_pixel_batches,
-                                          to_pixels, to_uint8, vae_loss)
-from pocketdiff.latents import latent_foreground, region_weighted_mean
-from pocketdiff.train.teacher import (diffusion_loss, latent_batches,
-                                     shapes_tokenizer)
+                                          to_uint8, vae_loss)
+from pocketdiff.text.tokenizer import shapes_tokenizer
+from pocketdiff.train.teacher import diffusion_loss, latent_batches
 
 
 def test_pixels_round_trip():

@@ -64,3 +64,10 @@ def save_tokenizer(tokenizer, out_dir) -> None:
     if not (out / "merges.txt").exists():
         lines = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
         (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+
+
+def shapes_tokenizer(max_length: int = 32) -> CLIPTokenizer:
+    """The CLIP-format tokenizer of the Shapes vocabulary (one token per caption word)."""
+    from ..data.shapes import VOCABULARY
+
+    return build_clip_tokenizer(VOCABULARY, model_max_length=max_length)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import sample_batch
+from ..latents import to_pixels
 from ..pipeline import to_uint8
 from .trainer import TrainConfig, Trainer
 
@@ -41,11 +42,6 @@ class VAERecipe:
 # The shipped recipe's schedule (about 90 minutes on 2 CPU cores at ~2.3 steps/s).
 DEFAULT_TRAIN = dict(out_dir="runs/shapes-vae", steps=12000, batch_size=8, lr=1e-3, warmup_steps=200, log_every=50,
                      checkpoint_every=250, monitor_every_s=300, ema_decay=0.999)
-
-
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def shapes_pixel_batches(batch_size: int, seed: int, split: str = "train"):

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .autoencoder import foreground_weights, reconstruction_quality, to_pixels, weighted_mean
+from ..latents import to_pixels
+from .autoencoder import foreground_weights, reconstruction_quality, weighted_mean
 
 DEFAULT_TRAIN = dict(out_dir="runs/shapes-decoder", steps=2000, batch_size=16, lr=5e-4, warmup_steps=50,
                      log_every=50, checkpoint_every=200, monitor_every_s=180, ema_decay=0.999)

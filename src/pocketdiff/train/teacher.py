@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.shapes import VOCABULARY, sample_batch
-from ..latents import region_weighted_mean
+from ..data.shapes import sample_batch
+from ..latents import region_weighted_mean, to_pixels
 from ..schedule import NoiseSchedule, target_for
-from ..text.tokenizer import build_clip_tokenizer
-from .autoencoder import to_pixels
+from ..text.tokenizer import shapes_tokenizer
 from .trainer import TrainConfig, Trainer, export_card
 
 # v1 (the first shipped teacher): SD-v1.5's four stages scaled down. Measured on it (issue 20): the 16x16 level held
@@ -112,10 +111,6 @@ def check_foreground(weight: float, threshold: float) -> None:
     """The recipes' foreground-weighting options: a non-negative extra weight and a positive threshold."""
     if weight < 0 or threshold <= 0:
         raise ValueError(f"need foreground_weight >= 0 and foreground_threshold > 0, got {weight} and {threshold}")
-
-
-def shapes_tokenizer(max_length: int = 32):
-    return build_clip_tokenizer(VOCABULARY, model_max_length=max_length)
 
 
 def build_text_encoder(recipe: TeacherRecipe, tokenizer):
