@@ -129,3 +129,31 @@ def test_alpha_sigma_matches_alphas_cumprod():
     abar = torch.as_tensor(s.alphas_cumprod[[0, 10, 999]], dtype=torch.float32)
     torch.testing.assert_close(alpha**2, abar, rtol=1e-6, atol=0)
     torch.testing.assert_close(sigma**2, 1 - abar, rtol=1e-5, atol=0)
+
+
+def test_alpha_sigma_like_broadcasts_in_the_batch_dtype_and_device():
+    from pocketdiff.schedule import NoiseSchedule
+
+    sched = NoiseSchedule()
+    t = torch.tensor([0, 500, 999])
+    a, s = sched.alpha_sigma(t)
+    x = torch.zeros(3, 4, 2, 2, dtype=torch.float64)
+    a4, s4 = sched.alpha_sigma(t, like=x)
+    assert a4.shape == (3, 1, 1, 1) and a4.dtype == torch.float64
+    torch.testing.assert_close(a4.view(-1).float(), a)
+    torch.testing.assert_close(s4.view(-1).float(), s)
+    torch.testing.assert_close(a4**2 + s4**2, torch.ones_like(a4))
+
+
+def test_noised_is_seeded_and_ddim_step_with_the_true_x0_lands_on_the_forward_process():
+    from pocketdiff.schedule import NoiseSchedule, ddim_step, noised
+
+    sched = NoiseSchedule(prediction_type="sample")
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, eps, a, s, x_t = noised(sched, x0, seed=3)
+    t2, eps2, *_ = noised(sched, x0, seed=3)
+    assert torch.equal(t, t2) and torch.equal(eps, eps2)
+    torch.testing.assert_close(x_t, a * x0 + s * eps)
+    t_prev = (t - 100).clamp(min=0)
+    a_p, s_p = sched.alpha_sigma(t_prev, like=x0)
+    torch.testing.assert_close(ddim_step(sched, x0, x_t, t, t_prev, "sample"), a_p * x0 + s_p * eps, atol=1e-5, rtol=1e-5)

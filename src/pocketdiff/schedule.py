@@ -99,10 +99,15 @@ class NoiseSchedule:
         """Exact inverse of :meth:`t_to_sigma` (sigma is increasing in t)."""
         return np.interp(np.asarray(sigma, dtype=np.float64), self.sigmas, np.arange(self.num_train_timesteps))
 
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """VP coefficients (sqrt(abar_t), sqrt(1 - abar_t)) for integer timesteps t (any shape)."""
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """VP coefficients (sqrt(abar_t), sqrt(1 - abar_t)) for integer timesteps t (any shape), float32 on the CPU;
+        with ``like`` (a (B, ...) batch), shaped (B, 1, ..., 1) in its dtype and on its device, ready to broadcast."""
         abar = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64)[t.long().cpu()]
-        return abar.sqrt().to(torch.float32), (1 - abar).sqrt().to(torch.float32)
+        a, s = abar.sqrt().to(torch.float32), (1 - abar).sqrt().to(torch.float32)
+        if like is None:
+            return a, s
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return a.view(shape).to(like), s.view(shape).to(like)
 
     def final_sigma_ddim(self) -> float:
         """Where DDIM's last step lands: abar=1 (sigma 0) or abar[0]."""
@@ -193,3 +198,28 @@ def target_for(prediction_type: PredictionType, x0: torch.Tensor, eps: torch.Ten
     if prediction_type == "v_prediction":
         return alpha * eps - sigma * x0
     return x0
+
+
+# ---- forward diffusion and the DDIM step (VP form, used by training recipes) -------------------------
+def noised(schedule: NoiseSchedule, x0: torch.Tensor, seed: int):
+    """Forward diffusion of a batch at uniform random timesteps, seeded (resumable), on x0's device.
+
+    Returns t (B,), eps, alpha, sigma (B, 1, 1, 1) and x_t = alpha * x0 + sigma * eps.
+    """
+    b = x0.shape[0]
+    g = torch.Generator().manual_seed(int(seed))
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
+    eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    a, s = schedule.alpha_sigma(t)
+    a, s = a.view(b, 1, 1, 1).to(x0.device), s.view(b, 1, 1, 1).to(x0.device)
+    return t.to(x0.device), eps, a, s, a * x0 + s * eps
+
+
+def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              t_prev: torch.Tensor, prediction_type: PredictionType) -> torch.Tensor:
+    """Deterministic DDIM from t to t_prev (Song et al. 2021, eq. 12): x' = alpha' x0 + sigma' eps, VP form."""
+    a, s = schedule.alpha_sigma(t, like=x)  # (B, 1, 1, 1) each
+    a_prev, s_prev = schedule.alpha_sigma(t_prev, like=x)
+    x0 = to_x0(model_output, x, a, s, prediction_type)  # (B, C, H, W)
+    eps = to_eps(model_output, x, a, s, prediction_type)
+    return a_prev * x0 + s_prev * eps

@@ -8,8 +8,8 @@ import torch
 
 from pocketdiff.denoiser import guidance_scale_embedding
 from pocketdiff.models.tiny import tiny_components
-from pocketdiff.schedule import NoiseSchedule, lcm_boundary
-from pocketdiff.train.lcm import (LCMRecipe, consistency_fn, ddim_step, lcm_loss, lcm_model, skipping_grid,
+from pocketdiff.schedule import NoiseSchedule, ddim_step, lcm_boundary
+from pocketdiff.train.lcm import (LCMRecipe, consistency_fn, lcm_loss, lcm_model, skipping_grid,
                                   update_target, with_w_embedding)
 from pocketdiff.train.trainer import TrainConfig, Trainer
 

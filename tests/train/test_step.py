@@ -8,7 +8,7 @@ import torch
 
 from pocketdiff.models.tiny import tiny_components
 from pocketdiff.schedule import NoiseSchedule
-from pocketdiff.train.lcm import ddim_step
+from pocketdiff.schedule import ddim_step
 from pocketdiff.train.step import (StepRecipe, ddim_x0_target, student_grid, teacher_sigmas,
                                    teacher_trajectories)
 

@@ -125,7 +125,7 @@ def object_loss_ratios(pipe, scenes: Sequence[Scene], timesteps: Sequence[int] =
     for t in timesteps:
         g = torch.Generator().manual_seed(seed * 1009 + int(t))
         eps = torch.randn(x0.shape, generator=g)
-        a, s = (v.view(1, 1, 1, 1) for v in pipe.schedule.alpha_sigma(torch.tensor([int(t)])))
+        a, s = pipe.schedule.alpha_sigma(torch.tensor([int(t)]), like=x0)  # (1, 1, 1, 1) each
         x_t = a * x0 + s * eps  # (N, C, h, w) VP latents
         pred = torch.cat([unet(x_t[i:i + batch].to(device), torch.full((len(x_t[i:i + batch]),), int(t), device=device),
                                encoder_hidden_states=states[i:i + batch].to(device)).sample.float().cpu()

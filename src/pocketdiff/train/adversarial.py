@@ -97,8 +97,7 @@ def adversarial_terms(heads: DiscriminatorHeads, backbone: torch.nn.Module, sche
     b = fake.shape[0]
     t = torch.randint(0, cfg.t_max, (b,), generator=generator).to(fake.device)
     noise = torch.randn(fake.shape, generator=generator).to(fake.device, fake.dtype)
-    a, s = schedule.alpha_sigma(t)
-    a, s = a.view(-1, 1, 1, 1).to(fake), s.view(-1, 1, 1, 1).to(fake)
+    a, s = schedule.alpha_sigma(t, like=fake)  # (B, 1, 1, 1) each
     feats_fake = encoder_features(backbone, a * fake + s * noise, t, states)
     with torch.no_grad():
         feats_real = encoder_features(backbone, a * real + s * noise, t, states)

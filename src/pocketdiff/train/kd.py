@@ -116,7 +116,7 @@ def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, 
     taps_s = FeatureTaps(student, list(pairs))
     taps_t = FeatureTaps(teacher, list(pairs.values()))
     from ..latents import region_weighted_mean
-    from .teacher import noised
+    from ..schedule import noised
 
     def loss_fn(model, batch: dict, step: int):
         x0 = batch["latents"]  # (B, 4, h, w)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..denoiser import guidance_scale_embedding
-from ..schedule import NoiseSchedule, lcm_boundary, to_eps, to_x0
+from ..schedule import NoiseSchedule, ddim_step, lcm_boundary, to_x0
 from ..latents import region_weighted_mean
 from .teacher import check_foreground
 
@@ -100,27 +100,12 @@ def skipping_grid(schedule: NoiseSchedule, n: int) -> tuple[torch.Tensor, torch.
     return start, (start - k).clamp(min=0)
 
 
-def _coeffs(schedule: NoiseSchedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a, s = schedule.alpha_sigma(t)
-    return a.view(-1, 1, 1, 1).to(t.device), s.view(-1, 1, 1, 1).to(t.device)  # (B, 1, 1, 1) each
-
-
-def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-              t_prev: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Deterministic DDIM from t to t_prev (Song et al. 2021, eq. 12): x' = alpha' x0 + sigma' eps, VP form."""
-    a, s = _coeffs(schedule, t)
-    a_prev, s_prev = _coeffs(schedule, t_prev)
-    x0 = to_x0(model_output, x, a, s, prediction_type)  # (B, C, H, W)
-    eps = to_eps(model_output, x, a, s, prediction_type)
-    return a_prev * x0 + s_prev * eps
-
-
 def consistency_fn(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                    prediction_type: str) -> torch.Tensor:
     """f(x, t) = c_skip(t) x + c_out(t) x0(x, t): the parameterisation that makes f(x, 0) = x (LCM eq. 9)."""
     c = torch.tensor([lcm_boundary(schedule, float(ti)) for ti in t], dtype=torch.float32).to(x)  # (B, 2)
     c_skip, c_out = c[:, 0].view(-1, 1, 1, 1), c[:, 1].view(-1, 1, 1, 1)
-    a, s = _coeffs(schedule, t)
+    a, s = schedule.alpha_sigma(t, like=x)
     return c_skip * x + c_out * to_x0(model_output, x, a, s, prediction_type)
 
 
@@ -232,7 +217,7 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
         idx = torch.randint(0, recipe.num_ddim_timesteps, (b,), generator=g)
         start, end = start_grid[idx].to(x0.device), end_grid[idx].to(x0.device)  # (B,) each
         eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        a, s = _coeffs(schedule, start)
+        a, s = schedule.alpha_sigma(start, like=x0)  # (B, 1, 1, 1) each
         x_s = a * x0 + s * eps  # (B, C, h, w)
         # 2. guidance scale and its embedding (of g - 1, as the LCM pipelines embed it)
         w = (recipe.w_min + (recipe.w_max - recipe.w_min) * torch.rand(b, generator=g)).to(x0.device)  # (B,)

@@ -179,8 +179,8 @@ def step_batches(traj: torch.Tensor, captions: list[str], tokenizer, grid: list[
 def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
                    t_next: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """The x0 whose DDIM step t -> t_next from x lands on x_next (on a last step: x_next, the clean end)."""
-    a, s = (v.view(-1, 1, 1, 1).to(x) for v in schedule.alpha_sigma(t))
-    a2, s2 = (v.view(-1, 1, 1, 1).to(x) for v in schedule.alpha_sigma(t_next))
+    a, s = schedule.alpha_sigma(t, like=x)  # (B, 1, 1, 1) each
+    a2, s2 = schedule.alpha_sigma(t_next, like=x)
     solved = (x_next - (s2 / s) * x) / (a2 - s2 * a / s)
     return torch.where(last.view(-1, 1, 1, 1), x_next, solved)
 
@@ -202,7 +202,7 @@ def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: l
     """Direct step distillation as a recipe loss ``(model, batch, step) -> (loss, terms)``; model = {"unet"}.
     ``grid`` (the student's timesteps) is needed for ``recipe.target == "rollout"``; ``pixel_vae`` (frozen) for
     ``recipe.pixel_weight > 0``."""
-    from .lcm import ddim_step
+    from ..schedule import ddim_step
 
     if recipe.pixel_weight > 0 and pixel_vae is None:
         raise ValueError("pixel_weight > 0 needs the VAE whose decoder the pixel term uses")
@@ -211,7 +211,7 @@ def step_loss(text_encoder, schedule: NoiseSchedule, recipe: StepRecipe, grid: l
         dim = getattr(student.config, "time_cond_proj_dim", None)
         w_emb = guidance_scale_embedding(torch.full((x.shape[0],), recipe.guidance - 1.0), dim).to(x) if dim else None
         out = student(x, t.to(x.device), encoder_hidden_states=cond, timestep_cond=w_emb).sample
-        a, s = (v.view(-1, 1, 1, 1).to(x) for v in schedule.alpha_sigma(t))
+        a, s = schedule.alpha_sigma(t, like=x)
         return to_x0(out, x, a, s, schedule.prediction_type)
 
     def loss_fn(model, batch: dict, step: int):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..data.shapes import sample_batch
 from ..latents import region_weighted_mean, to_pixels
-from ..schedule import NoiseSchedule, target_for
+from ..schedule import NoiseSchedule, noised, target_for
 from ..text.tokenizer import shapes_tokenizer
 from .trainer import TrainConfig, Trainer, export_card
 
@@ -199,20 +199,6 @@ def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_
         return {"latents": latents[idx], "input_ids": input_ids, "seed": seed * 1_000_003 + step}
 
     return batches
-
-
-def noised(schedule: NoiseSchedule, x0: torch.Tensor, seed: int):
-    """Forward diffusion of a batch at uniform random timesteps, seeded (resumable), on x0's device.
-
-    Returns t (B,), eps, alpha, sigma (B, 1, 1, 1) and x_t = alpha * x0 + sigma * eps.
-    """
-    b = x0.shape[0]
-    g = torch.Generator().manual_seed(int(seed))
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g)
-    eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-    a, s = schedule.alpha_sigma(t)
-    a, s = a.view(b, 1, 1, 1).to(x0.device), s.view(b, 1, 1, 1).to(x0.device)
-    return t.to(x0.device), eps, a, s, a * x0 + s * eps
 
 
 def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0, foreground_weight: float = 0.0,
