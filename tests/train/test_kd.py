@@ -59,15 +59,40 @@ def test_kd_loss_terms(variant):
     teacher, student, text_encoder = _models(variant)
     model = kd_model(student, teacher)
     assert len(model["adapters"]) == 0  # BK students keep the teacher's widths
-    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), KDRecipe(student=f"bk-{variant}"))
-    loss, terms = loss_fn(model, _batches(0), 0)
-    assert torch.isfinite(loss) and set(terms) == {"task", "out_kd", "feat_kd"}
+    recipe = KDRecipe(student=f"bk-{variant}", task_weight=0.5, output_weight=2.0, feature_weight=3.0)
+    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule(), recipe)
+    batch = _batches(0)
+    loss, terms = loss_fn(model, batch, 0)
+    assert set(terms) == {"task", "out_kd", "feat_kd"}
+    # the same terms by hand: noised latents, the v/eps target, hooks' stage outputs compared pair by pair
+    from pocketdiff.schedule import noised, target_for
+
+    t, eps, a, s, x_t = noised(NoiseSchedule(), batch["latents"], batch["seed"])
+    states = text_encoder(batch["input_ids"])[0]
+    feats: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda _m, _i, out: feats.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+    pairs = feature_pairs(student, teacher)
+    hooks = [dict(teacher.named_modules())[v].register_forward_hook(keep("t:" + v)) for v in pairs.values()]
+    hooks += [dict(student.named_modules())[k].register_forward_hook(keep("s:" + k)) for k in pairs]
+    with torch.no_grad():
+        out_t = teacher(x_t, t, encoder_hidden_states=states).sample
+        out_s = student(x_t, t, encoder_hidden_states=states).sample
+    for h in hooks:
+        h.remove()
+    task = (out_s - target_for("epsilon", batch["latents"], eps, a, s)).pow(2).mean()
+    out_kd = (out_s - out_t).pow(2).mean()
+    feat = sum((feats["s:" + k] - feats["t:" + v]).pow(2).mean() for k, v in pairs.items()
+               if feats["s:" + k].shape == feats["t:" + v].shape)
+    torch.testing.assert_close(torch.tensor([terms["task"], terms["out_kd"], terms["feat_kd"]]),
+                               torch.tensor([float(task), float(out_kd), float(feat)]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), 0.5 * task + 2.0 * out_kd + 3.0 * feat, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
-    taps_s, taps_t = loss_fn.taps
-    for k, v in feature_pairs(student, teacher).items():
-        if k in taps_s.features:
-            assert taps_s.features[k].shape == taps_t.features[v].shape
+    loss_fn.close()
+    assert all(not m._forward_hooks for m in student.modules())  # close() removed every hook
 
 
 def test_feature_kd_is_zero_when_student_equals_teacher():

@@ -127,8 +127,10 @@ def train_vae(cfg: TrainConfig, recipe: VAERecipe | None = None, resume: bool = 
     """Train the Shapes VAE; writes ``cfg.out_dir/vae`` (diffusers folder) and returns its path."""
     from diffusers import AutoencoderKL
 
+    from .common import start_run
+
     recipe = recipe or VAERecipe()
-    torch.manual_seed(cfg.seed)
+    run = start_run(cfg)
     if recipe.init_from:
         vae = AutoencoderKL.from_pretrained(recipe.init_from, local_files_only=True)
     else:
@@ -137,9 +139,11 @@ def train_vae(cfg: TrainConfig, recipe: VAERecipe | None = None, resume: bool = 
     trainer = Trainer(cfg, vae, vae_loss(recipe), shapes_pixel_batches(cfg.batch_size, cfg.seed),
                       monitor=lambda step, m: reconstruction_quality(m, recipe.monitor_n))
     trainer.run(resume=resume)
+    out = run / "vae"
+    if not trainer.accelerator.is_main_process:  # one process writes the folder
+        return out
     final, chosen = trainer.final_model()
     final.register_to_config(scaling_factor=latent_scaling_factor(final))
-    out = Path(cfg.out_dir) / "vae"
     final.save_pretrained(out, safe_serialization=True)
     quality = reconstruction_quality(final, n=recipe.final_check_n, seed=4242)
     (out / "quality.json").write_text(json.dumps({**chosen, **quality}, indent=2))

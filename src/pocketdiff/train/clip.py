@@ -17,6 +17,7 @@ from ..data.shapes import caption, sample_batch
 from ..eval.clip import ClipConfig, DomainCLIP, clip_quality, corrupt
 from ..latents import to_pixels
 from ..text.tokenizer import shapes_tokenizer
+from .common import start_run
 from .trainer import Trainer
 
 # The shipped schedule, estimated (not yet run end to end): a step at batch 128 took 1.1-1.4 s (bare loop)
@@ -71,12 +72,12 @@ def train_clip(cfg, clip_cfg: ClipConfig | None = None, resume: bool = True, spl
                monitor_n: int = 256) -> Path:
     """Train the domain CLIP with the shared Trainer; writes ``cfg.out_dir/clip`` and returns its path."""
     clip_cfg = clip_cfg or ClipConfig()
-    torch.manual_seed(cfg.seed)
+    run = start_run(cfg)
     model = DomainCLIP(clip_cfg)
     batches = clip_batches(cfg.batch_size, cfg.seed, split, model.tokenizer, clip_cfg.max_length)
     trainer = Trainer(cfg, model, clip_loss, batches, monitor=lambda step, m: clip_quality(m, monitor_n))
     trainer.run(resume=resume)
-    out = Path(cfg.out_dir) / "clip"
+    out = run / "clip"
     if not trainer.accelerator.is_main_process:  # one process writes the folder
         return out
     final, chosen = trainer.final_model()

@@ -151,7 +151,7 @@ def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed:
     same UNet weights and settings."""
     from safetensors.torch import load_file, save_file
 
-    from .teacher import weights_digest
+    from .common import weights_digest
 
     settings = generator_settings(folder, recipe)
     key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings}
@@ -223,59 +223,68 @@ def decoder_monitor(teacher, n: int):
     return monitor
 
 
-def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume: bool = True) -> Path:
-    """Prune and distil the VAE of ``teacher_dir``; writes ``out_dir/vae`` and ``out_dir/model`` (the generator
-    model folder with the pruned VAE in place of its own)."""
-    from ..folder import load_components, load_vae, save_components
-    from ..models.registry import model_card
+def generated_latents(out: Path, g, recipe: DecoderRecipe, seed: int) -> torch.Tensor | None:
+    """The generator's own latents (cached in ``out``), made on the GPU when there is one; None when unused."""
     from ..pipeline import Pipeline
-    from .trainer import Trainer, export_card
 
-    recipe = recipe or DecoderRecipe()
-    teacher_dir = Path(teacher_dir)
-    generator = Path(recipe.generator) if recipe.generator else teacher_dir
-    parts = load_components(generator)
-    teacher = load_vae(teacher_dir / "vae").eval().requires_grad_(False)
-    if dict(parts["vae"].config)["latent_channels"] != teacher.config.latent_channels:
-        raise ValueError(f"{generator}: its latents do not fit the VAE of {teacher_dir}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
-    student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
-    generated = None
-    if recipe.generated_fraction > 0:
-        pipe = Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                        parts["scheduler_config"], runner="eager")
-        if torch.cuda.is_available():
-            pipe.to("cuda")
-        generated = cached_generated(out, generator, pipe, recipe, cfg.seed)
-        pipe.to("cpu")  # the generator is saved with the pruned VAE at the end; the GPU is the training's
-    trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
-                      decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
-                      monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
-    teacher.to(trainer.accelerator.device)
-    trainer.run(resume=resume)
-    if not trainer.accelerator.is_main_process:
-        return out / "model"
-    teacher.cpu()
-    final, chosen = trainer.final_model()
-    final = final.cpu().eval()
+    if recipe.generated_fraction <= 0:
+        return None
+    pipe = Pipeline(g.unet, g.vae, g.text_encoder, g.tokenizer, g.scheduler_config, runner="eager")
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    generated = cached_generated(out, g.folder, pipe, recipe, seed)
+    pipe.to("cpu")  # the generator is saved with the pruned VAE at the end; the GPU is the training's
+    return generated
+
+
+def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: dict, teacher_dir: Path) -> Path:
+    """``out/vae`` (the pruned VAE with its reconstruction report) and ``out/model`` (the generator with it)."""
+    from ..folder import save_components
+    from ..models.registry import model_card
+    from .trainer import export_card
+
     vae_dir = out / "vae"
     final.save_pretrained(vae_dir, safe_serialization=True)
     n = recipe.final_check_n
     quality = {"decoder": reconstruction_quality(final, n, seed=4242, encoder=teacher),
                "vae": reconstruction_quality(final, n, seed=4242),
                "teacher": reconstruction_quality(teacher, n, seed=4242)}
+    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
     width = recipe.width if not channels else sum(channels) / sum(teacher.config.block_out_channels)
     report = {**export_card(chosen), "width": width, "channels": list(final.config.block_out_channels),
-              "teacher": str(teacher_dir),
-              "generator": str(generator), "recipe": asdict(recipe), "quality": quality}
+              "teacher": str(teacher_dir), "generator": str(g.folder), "recipe": asdict(recipe), "quality": quality}
     (vae_dir / "quality.json").write_text(json.dumps(report, indent=2))
-    card = {**model_card(generator), "vae": {k: v for k, v in report.items() if k != "recipe"}}
-    card["description"] = f"{card.get('description', generator.name)}; VAE pruned to channels " \
+    card = {**model_card(g.folder), "vae": {k: v for k, v in report.items() if k != "recipe"}}
+    card["description"] = f"{card.get('description', g.folder.name)}; VAE pruned to channels " \
                           f"{list(final.config.block_out_channels)} by data distillation"
-    save_components(out / "model", parts["unet"], final, parts["text_encoder"], parts["tokenizer"],
-                    parts["scheduler_config"], overwrite=True,
+    save_components(out / "model", g.unet, final, g.text_encoder, g.tokenizer, g.scheduler_config, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
     return out / "model"
+
+
+def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume: bool = True) -> Path:
+    """Prune and distil the VAE of ``teacher_dir``; writes ``out_dir/vae`` and ``out_dir/model`` (the generator
+    model folder with the pruned VAE in place of its own)."""
+    from ..folder import load_vae
+    from .common import load_teacher, on_device, start_run
+    from .trainer import Trainer
+
+    recipe = recipe or DecoderRecipe()
+    teacher_dir = Path(teacher_dir)
+    g = load_teacher(Path(recipe.generator) if recipe.generator else teacher_dir)
+    teacher = load_vae(teacher_dir / "vae").eval().requires_grad_(False)
+    if dict(g.vae.config)["latent_channels"] != teacher.config.latent_channels:
+        raise ValueError(f"{g.folder}: its latents do not fit the VAE of {teacher_dir}")
+    out = start_run(cfg)
+    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
+    student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
+    generated = generated_latents(out, g, recipe, cfg.seed)
+    trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
+                      decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
+                      monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
+    with on_device(trainer.accelerator.device, teacher):
+        trainer.run(resume=resume)
+    if not trainer.accelerator.is_main_process:
+        return out / "model"
+    final, chosen = trainer.final_model()
+    return write_decoder(out, final.cpu().eval(), teacher, g, recipe, chosen, teacher_dir)

@@ -32,7 +32,7 @@ class KDRecipe:
     foreground_threshold: float = 1.0
 
     def __post_init__(self) -> None:
-        from .teacher import check_foreground
+        from .common import check_foreground
 
         check_foreground(self.foreground_weight, self.foreground_threshold)
 
@@ -105,41 +105,58 @@ def kd_model(student: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Mod
     return torch.nn.ModuleDict({"unet": student, "adapters": adapters})
 
 
-def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, schedule: NoiseSchedule,
-            recipe: KDRecipe):
-    """The BK-SDM loss as a recipe loss function ``(model, batch, step) -> (loss, terms)``.
+class KDLoss:
+    """The BK-SDM loss as a recipe loss ``(model, batch, step) -> (loss, terms)``, with the forward hooks it
+    reads stage features from (:meth:`close` removes them).
 
     ``model`` is :func:`kd_model`'s ModuleDict (student + adapters); hooks are registered on its student.
     """
-    student = model["unet"]
-    pairs = {k: v for k, (v, _, _) in matched_pairs(student, teacher).items()}
-    taps_s = FeatureTaps(student, list(pairs))
-    taps_t = FeatureTaps(teacher, list(pairs.values()))
-    from ..latents import region_weighted_mean
-    from ..schedule import noised
 
-    def loss_fn(model, batch: dict, step: int):
+    def __init__(self, teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, schedule: NoiseSchedule,
+                 recipe: KDRecipe):
+        self.teacher, self.text_encoder, self.schedule, self.recipe = teacher, text_encoder, schedule, recipe
+        self.pairs = {k: v for k, (v, _, _) in matched_pairs(model["unet"], teacher).items()}
+        self.taps = (FeatureTaps(model["unet"], list(self.pairs)), FeatureTaps(teacher, list(self.pairs.values())))
+
+    def close(self) -> None:
+        for taps in self.taps:
+            taps.remove()
+
+    def feature_term(self, model: torch.nn.ModuleDict, like: torch.Tensor) -> torch.Tensor:
+        """sum over stage pairs of the mean squared difference, the student's features through its adapter."""
+        taps_s, taps_t = self.taps
+        feat = like.new_zeros(())
+        for k, v in self.pairs.items():
+            f_s = taps_s.features[k]  # (B, C_s, h, w)
+            name = k.replace(".", "_")
+            f_s = model["adapters"][name](f_s) if name in model["adapters"] else f_s
+            feat = feat + (f_s - taps_t.features[v].detach()).pow(2).mean()
+        return feat
+
+    def __call__(self, model, batch: dict, step: int):
+        from ..latents import region_weighted_mean
+        from ..schedule import noised
+
+        recipe = self.recipe
         x0 = batch["latents"]  # (B, 4, h, w)
-        t, eps, a, s, x_t = noised(schedule, x0, batch["seed"])
+        t, eps, a, s, x_t = noised(self.schedule, x0, batch["seed"])
         with torch.no_grad():
-            states = text_encoder(batch["input_ids"])[0]  # (B, L, D)
-            out_t = teacher(x_t, t, encoder_hidden_states=states).sample
+            states = self.text_encoder(batch["input_ids"])[0]  # (B, L, D)
+            out_t = self.teacher(x_t, t, encoder_hidden_states=states).sample
         out_s = model["unet"](x_t, t, encoder_hidden_states=states).sample
-        target = target_for(schedule.prediction_type, x0, eps, a, s)
+        target = target_for(self.schedule.prediction_type, x0, eps, a, s)
         fw, thr = recipe.foreground_weight, recipe.foreground_threshold
         task = region_weighted_mean((out_s - target).pow(2), x0, fw, thr).mean()
         out_kd = region_weighted_mean((out_s - out_t).pow(2), x0, fw, thr).mean()
-        feat = out_s.new_zeros(())
-        for k, v in pairs.items():
-            f_s = taps_s.features[k]  # (B, C_s, h, w)
-            adapter = model["adapters"][k.replace(".", "_")] if k.replace(".", "_") in model["adapters"] else None
-            f_s = adapter(f_s) if adapter is not None else f_s
-            feat = feat + (f_s - taps_t.features[v].detach()).pow(2).mean()
+        feat = self.feature_term(model, out_s)
         loss = recipe.task_weight * task + recipe.output_weight * out_kd + recipe.feature_weight * feat
-        return loss, {"task": float(task), "out_kd": float(out_kd), "feat_kd": float(feat)}
+        return loss, {"task": float(task.detach()), "out_kd": float(out_kd.detach()), "feat_kd": float(feat.detach())}
 
-    loss_fn.taps = (taps_s, taps_t)  # kept alive with the closure; removable by the caller
-    return loss_fn
+
+def kd_loss(teacher: torch.nn.Module, model: torch.nn.ModuleDict, text_encoder, schedule: NoiseSchedule,
+            recipe: KDRecipe) -> KDLoss:
+    """The BK-SDM loss (:class:`KDLoss`) of ``model``'s student against ``teacher``."""
+    return KDLoss(teacher, model, text_encoder, schedule, recipe)
 
 
 # The shipped recipe's schedule for the Shapes students.
@@ -147,28 +164,18 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-kd", steps=6000, batch_size=48, lr=5e-
                      checkpoint_every=300, monitor_every_s=600, ema_decay=0.999)
 
 
-def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = True):
-    """Distil a compact student from a teacher folder; writes ``cfg.out_dir/model`` (the student pipeline)."""
-    import copy
+def kd_student(recipe: KDRecipe, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The student UNet: the preset of the teacher's config, seeded by BK-SDM inheritance, or ``init_from``'s
+    (whose config must be that preset's)."""
     import json
-    from pathlib import Path
 
     from diffusers import UNet2DConditionModel
 
-    from ..folder import load_components, save_components
+    from ..folder import load_components
     from ..models.compact import COMPACT_PRESETS, inheritance_for, init_student_from_teacher
-    from .teacher import TeacherRecipe, cached_pool, latent_batches, monitor_fn
-    from .trainer import Trainer, export_card
 
-    recipe = recipe or KDRecipe()
     if recipe.student not in COMPACT_PRESETS:
         raise ValueError(f"unknown student {recipe.student!r}; choose one of {', '.join(COMPACT_PRESETS)}")
-    parts = load_components(teacher_dir)
-    teacher, vae, text_encoder, tokenizer = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
-    sched_cfg = parts["scheduler_config"]
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     config = COMPACT_PRESETS[recipe.student](dict(teacher.config))
     if recipe.init_from:  # continue a trained student: its own config must be the preset's
         student = load_components(recipe.init_from)["unet"].float()
@@ -176,38 +183,40 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
         if same != json.loads(json.dumps(config, default=list)):
             raise ValueError(f"{recipe.init_from}: its UNet is not a {recipe.student} student of this teacher; "
                              f"pass the matching --student")
-        student.requires_grad_(True).train()
-    else:
-        student = UNet2DConditionModel(**config)
+        return student.requires_grad_(True).train()
+    student = UNet2DConditionModel(**config)
     variant = inheritance_for(recipe.student, dict(teacher.config))
-    if recipe.inherit and variant and not recipe.init_from:
+    if recipe.inherit and variant:
         init_student_from_teacher(student, teacher, variant)
-    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
-    model = kd_model(student, teacher)
-    loss_fn = kd_loss(teacher, model, text_encoder, NoiseSchedule.from_config(sched_cfg), recipe)
-    monitor_recipe = TeacherRecipe(scheduler=sched_cfg)
-    student_monitor = monitor_fn(monitor_recipe, vae, tokenizer)
-    text_encoder_cpu = copy.deepcopy(text_encoder)  # the monitor samples on the CPU
-    trainer = Trainer(cfg, model, loss_fn,
-                      latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=lambda step, m: student_monitor(step, {"unet": m["unet"], "text_encoder": text_encoder_cpu}))
-    device = trainer.accelerator.device
-    teacher.to(device)
-    text_encoder.to(device)
-    try:
-        trainer.run(resume=resume)
-    finally:
-        for taps in loss_fn.taps:
-            taps.remove()
-    folder = out / "model"
-    if not trainer.accelerator.is_main_process:
-        return folder
-    teacher.cpu()
-    text_encoder.cpu()
-    final, chosen = trainer.final_model()
+    return student
+
+
+def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = True):
+    """Distil a compact student from a teacher folder; writes ``cfg.out_dir/model`` (the student pipeline)."""
+    import copy
+    from pathlib import Path
+
+    from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
+    from .trainer import Trainer
+
+    recipe = recipe or KDRecipe()
+    t = load_teacher(teacher_dir)
+    out = start_run(cfg)
+    student = kd_student(recipe, t.unet)
+    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed)
+    model = kd_model(student, t.unet)
+    loss_fn = kd_loss(t.unet, model, t.text_encoder, t.schedule, recipe)
+    monitor = sampling_check(t.vae, t.tokenizer, t.scheduler_config, n=48, steps=20, sampler="ddim", guidance=4.0,
+                             text_encoder=copy.deepcopy(t.text_encoder))  # a CPU copy: checks run on the CPU
+    trainer = Trainer(cfg, model, loss_fn, latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed,
+                                                          recipe.caption_dropout), monitor=monitor)
+    with on_device(trainer.accelerator.device, t.unet, t.text_encoder):
+        try:
+            trainer.run(resume=resume)
+        finally:
+            loss_fn.close()
     card = {"description": f"{recipe.student} student distilled (BK-SDM KD) from {Path(teacher_dir).name}",
-            "trained": True, **export_card(chosen, recipe.init_from), "teacher": str(teacher_dir),
-            "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
-    save_components(folder, final["unet"].cpu(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
-                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
-    return folder
+            "teacher": str(teacher_dir), "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": 4.0}}
+    return export_model(trainer, out / "model", card, lambda final: {
+        "unet": final["unet"], "vae": t.vae, "text_encoder": t.text_encoder, "tokenizer": t.tokenizer,
+        "scheduler_config": t.scheduler_config}, recipe.init_from)

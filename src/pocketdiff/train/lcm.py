@@ -31,7 +31,6 @@ under ``no_grad`` is its own target (no EMA copy of the whole UNet).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, ddim_step, lcm_boundary, to_x0
 from ..latents import region_weighted_mean
-from .teacher import check_foreground
+from .common import check_foreground
 
 # Linear layers of diffusers' UNet blocks that LCM-LoRA adapts (attention, feed-forward, projections).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -226,7 +225,7 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
         w_emb = guidance_scale_embedding(w - 1.0, dim) if dim else None  # (B, E)
         with torch.no_grad():
             cond = text_encoder(batch["input_ids"])[0]  # (B, L, D)
-            uncond = uncond_states.expand(b, -1, -1)
+            uncond = uncond_states.to(cond).expand(b, -1, -1)
             # 4. teacher: one guided DDIM step start -> end
             x_e = ddim_step(schedule, cfg_output(teacher, x_s, start, cond, uncond, w), x_s, start, end, t_pred)
             # 5. target network at the end of the step
@@ -262,111 +261,81 @@ def lcm_scheduler_config(teacher_config: dict, schedule: NoiseSchedule, num_ddim
             "original_inference_steps": num_ddim_timesteps, "timestep_scaling": schedule.timestep_scaling}
 
 
-def sampling_monitor(vae, tokenizer, text_encoder, scheduler_config: dict, guidance: float, n: int = 48,
-                     steps: int = 4, sampler: str = "lcm"):
-    """Sample fresh prompts (``steps`` steps of ``sampler``) and score them with the checker: the few-step
-    recipes' (LCM, step distillation) quality check."""
-    import numpy as np
+def lcm_student(recipe: LCMRecipe, t) -> tuple[torch.nn.Module, NoiseSchedule]:
+    """The student UNet (the teacher with a LoRA or a w-embedding, or ``recipe.student``'s with a w-embedding) and
+    the schedule it is trained in (the teacher's noise levels, the student's prediction type)."""
+    from ..folder import load_components
+    from .common import matching_schedule
 
-    from ..data.shapes import IMAGE_SIZE
-    from ..eval.checker import aggregate, check
-    from ..eval.quality import fresh_prompts
-    from .teacher import make_pipeline
-
-    prompts = fresh_prompts(n, seed=7)
-
-    def monitor(step: int, model) -> dict:
-        pipe = make_pipeline(model["unet"], vae, text_encoder, tokenizer, scheduler_config)
-        images = []
-        for i in range(0, len(prompts), 16):
-            res = pipe(prompts[i:i + 16], steps=steps, sampler=sampler, guidance=guidance, seed=i, height=IMAGE_SIZE,
-                       width=IMAGE_SIZE)
-            images += [np.asarray(im) for im in res.images]
-        s = aggregate([check(im, p) for im, p in zip(images, prompts)])
-        return {"all_correct": s["all_correct"], "colour": s["colour"], "shape": s["shape"]}
-
-    return monitor
-
-
-def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = True) -> Path:
-    """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
-    from ..folder import load_components, save_components
-    from .teacher import cached_pool, latent_batches
-    from .trainer import Trainer, export_card
-
-    recipe = recipe or LCMRecipe()
-    parts = load_components(teacher_dir)
-    teacher, vae, text_encoder, tokenizer = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
-    sched_cfg = parts["scheduler_config"]
-    teacher_schedule = NoiseSchedule.from_config(sched_cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     lora = recipe.lora_rank > 0
     if recipe.student == "teacher" or lora:
         if recipe.student != "teacher":
             raise ValueError("LCM-LoRA adapts the teacher itself: use student='teacher' with lora_rank > 0")
-        source, student_cfg = teacher, sched_cfg
+        source, student_cfg = t.unet, t.scheduler_config
     else:
         student_parts = load_components(recipe.student)
         source, student_cfg = student_parts["unet"], student_parts["scheduler_config"]
-    # the student's schedule: the teacher's noise levels, the student's own prediction type
-    student_schedule = NoiseSchedule.from_config(student_cfg)
-    schedule = NoiseSchedule.from_config({**sched_cfg, "prediction_type": student_schedule.prediction_type})
-    if not (schedule.alphas_cumprod == student_schedule.alphas_cumprod).all():
-        raise ValueError(f"{recipe.student}: its noise schedule differs from the teacher's; LCD needs the same one")
-    if source.config.cross_attention_dim != text_encoder.config.hidden_size:
+    schedule = matching_schedule(t.scheduler_config, student_cfg, recipe.student, "LCD")
+    if source.config.cross_attention_dim != t.text_encoder.config.hidden_size:
         raise ValueError(f"{recipe.student}: cross_attention_dim {source.config.cross_attention_dim} does not match "
-                         f"the teacher's text encoder ({text_encoder.config.hidden_size})")
+                         f"the teacher's text encoder ({t.text_encoder.config.hidden_size})")
     student = add_lora(source, recipe.lora_rank) if lora else with_w_embedding(source, recipe.time_cond_proj_dim)
+    return student, schedule
+
+
+def empty_prompt_states(tokenizer, text_encoder) -> torch.Tensor:
+    """(1, L, D) text states of the empty prompt (the unconditional branch of CFG)."""
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return text_encoder(empty.input_ids)[0]
+
+
+def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = True) -> Path:
+    """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
+    from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
+    from .trainer import Trainer
+
+    recipe = recipe or LCMRecipe()
+    t = load_teacher(teacher_dir)
+    out = start_run(cfg)
+    lora = recipe.lora_rank > 0
+    student, schedule = lcm_student(recipe, t)
     target_decay = 0.0 if lora else recipe.target_decay
-    teacher.requires_grad_(False)  # frozen (the adversarial term backpropagates through it into the fakes)
+    t.unet.requires_grad_(False)  # frozen (the adversarial term backpropagates through it into the fakes)
     disc = None
     if recipe.adv_weight > 0:
         from .adversarial import DiscriminatorHeads, feature_channels
 
-        disc = DiscriminatorHeads(feature_channels(teacher), text_encoder.config.hidden_size, recipe.adv_head_channels)
+        disc = DiscriminatorHeads(feature_channels(t.unet), t.text_encoder.config.hidden_size, recipe.adv_head_channels)
     model = lcm_model(student, target_decay, disc)
-
-    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        uncond = text_encoder(empty.input_ids)[0]  # (1, L, D)
-    loss_fn = lcm_loss(teacher, text_encoder, schedule, recipe, uncond, teacher_schedule.prediction_type)
-    out_sched = lcm_scheduler_config(sched_cfg, schedule, recipe.num_ddim_timesteps)
+    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed)
+    loss_fn = lcm_loss(t.unet, t.text_encoder, schedule, recipe, empty_prompt_states(t.tokenizer, t.text_encoder),
+                       t.schedule.prediction_type)
+    out_sched = lcm_scheduler_config(t.scheduler_config, schedule, recipe.num_ddim_timesteps)
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
-    lcm_monitor = sampling_monitor(vae, tokenizer, copy.deepcopy(text_encoder), out_sched, guidance,  # CPU copy
-                               recipe.monitor_n, recipe.monitor_steps)
-
-    def monitor(step, m):
-        return lcm_monitor(step, {"unet": merge_lora(m["unet"]) if lora else m["unet"]})
-
+    monitor = sampling_check(t.vae, t.tokenizer, out_sched, n=recipe.monitor_n, steps=recipe.monitor_steps,
+                             sampler="lcm", guidance=guidance, text_encoder=copy.deepcopy(t.text_encoder),  # CPU copy
+                             unet=lambda m: merge_lora(m["unet"]) if lora else m["unet"])
     groups = [{"params": model["unet"].parameters()}]
     if disc is not None:
         groups.append({"params": disc.parameters(), "lr_scale": recipe.adv_lr_scale})
     trainer = Trainer(cfg, model, loss_fn,
-                      latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
+                      latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
                       monitor=monitor if cfg.monitor_every_s > 0 else None, params=groups,
                       after_step=lambda step, m: update_target(m, target_decay))
-    device = trainer.accelerator.device
-    teacher.to(device)
-    text_encoder.to(device)
-    uncond.data = uncond.to(device)
-    trainer.run(resume=resume)
-    folder = out / "model"
-    if not trainer.accelerator.is_main_process:
-        return folder
-    teacher.cpu()
-    text_encoder.cpu()
-    final_model, chosen = trainer.final_model()
-    final = final_model["unet"].cpu()
-    if lora:
-        save_lora(final, out / "lora")
-        final = merge_lora(final)
+    with on_device(trainer.accelerator.device, t.unet, t.text_encoder):
+        trainer.run(resume=resume)
+
+    def components(final) -> dict:
+        unet = final["unet"]
+        if lora:
+            save_lora(unet, out / "lora")
+            unet = merge_lora(unet)
+        return {"unet": unet, "vae": t.vae, "text_encoder": t.text_encoder, "tokenizer": t.tokenizer,
+                "scheduler_config": out_sched}
+
     kind = f"LCM-LoRA (rank {recipe.lora_rank}) merged into" if lora else "LCM distilled from"
     card = {"description": f"{kind} {Path(teacher_dir).name} (latent consistency distillation)",
-            "trained": True, **export_card(chosen), "teacher": str(teacher_dir), "recipe": asdict(recipe),
+            "teacher": str(teacher_dir), "recipe": asdict(recipe),
             "defaults": {"steps": 4, "sampler": "lcm", "guidance": guidance}}
-    save_components(folder, final.eval(), vae, text_encoder, tokenizer, out_sched, overwrite=True,
-                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
-    return folder
+    return export_model(trainer, out / "model", card, components)

@@ -34,7 +34,7 @@ import torch
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, timestep_grid, to_x0
 from ..latents import region_weighted_mean
-from .teacher import check_foreground
+from .common import check_foreground
 
 
 @dataclass
@@ -246,62 +246,52 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-step", steps=1000, batch_size=32, lr=1
                      checkpoint_every=200, monitor_every_s=300, ema_decay=0.999)
 
 
+def pixel_term_vae(recipe: StepRecipe, vae) -> torch.nn.Module | None:
+    """The frozen VAE decoder of the pixel term (``pixel_vae``, else a copy of the teacher's), or None when off."""
+    if recipe.pixel_weight <= 0:
+        return None
+    from ..folder import load_vae
+    from ..models.components import resolve_component
+
+    pixel_vae = load_vae(resolve_component(recipe.pixel_vae)) if recipe.pixel_vae else copy.deepcopy(vae)
+    if pixel_vae.config.latent_channels != vae.config.latent_channels:
+        raise ValueError(f"{recipe.pixel_vae}: its latents do not fit the teacher's VAE")
+    return pixel_vae.eval().requires_grad_(False)
+
+
 def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True) -> Path:
     """Distil ``recipe.student`` into a ``student_steps``-step DDIM model of the teacher; writes ``out_dir/model``."""
-    from ..folder import load_components, save_components
-    from .lcm import sampling_monitor
-    from .trainer import Trainer, export_card
+    from ..folder import load_components
+    from .common import export_model, load_teacher, matching_schedule, on_device, sampling_check, start_run
+    from .trainer import Trainer
 
     if not recipe.student:
         raise ValueError("step distillation needs a student folder (--student FOLDER)")
-    parts = load_components(teacher_dir)
-    text_encoder, tokenizer, vae = parts["text_encoder"], parts["tokenizer"], parts["vae"]
+    t = load_teacher(teacher_dir)
     student_parts = load_components(recipe.student)
-    student_schedule = NoiseSchedule.from_config(student_parts["scheduler_config"])
-    schedule = NoiseSchedule.from_config({**parts["scheduler_config"],
-                                          "prediction_type": student_schedule.prediction_type})
-    if not (schedule.alphas_cumprod == student_schedule.alphas_cumprod).all():
-        raise ValueError(f"{recipe.student}: its noise schedule differs from the teacher's; step distillation needs "
-                         "the same one")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    schedule = matching_schedule(t.scheduler_config, student_parts["scheduler_config"], recipe.student,
+                                 "step distillation")
+    out = start_run(cfg)
     traj, captions = cached_trajectories(out, teacher_dir, recipe, schedule, cfg.seed)
     grid = student_grid(schedule, recipe.student_steps)
     model = torch.nn.ModuleDict({"unet": copy.deepcopy(student_parts["unet"]).train().requires_grad_(True)})
-    text_encoder.requires_grad_(False)
-    sched_cfg = {**parts["scheduler_config"], "_class_name": "DDIMScheduler",
+    t.text_encoder.requires_grad_(False)
+    sched_cfg = {**t.scheduler_config, "_class_name": "DDIMScheduler",
                  "prediction_type": schedule.prediction_type, "timestep_spacing": "trailing"}
     guidance = recipe.guidance if getattr(model["unet"].config, "time_cond_proj_dim", None) else 1.0
-    monitor = sampling_monitor(vae, tokenizer, copy.deepcopy(text_encoder), sched_cfg, guidance, recipe.monitor_n,
-                               recipe.student_steps, sampler="ddim")
-    pixel_vae = None
-    if recipe.pixel_weight > 0:
-        from ..folder import load_vae
-        from ..models.components import resolve_component
-
-        pixel_vae = load_vae(resolve_component(recipe.pixel_vae)) if recipe.pixel_vae else copy.deepcopy(vae)
-        if pixel_vae.config.latent_channels != vae.config.latent_channels:
-            raise ValueError(f"{recipe.pixel_vae}: its latents do not fit the teacher's VAE")
-        pixel_vae.eval().requires_grad_(False)
-    trainer = Trainer(cfg, model, step_loss(text_encoder, schedule, recipe, grid, pixel_vae),
-                      step_batches(traj, captions, tokenizer, grid, cfg.batch_size, cfg.seed,
+    monitor = sampling_check(t.vae, t.tokenizer, sched_cfg, n=recipe.monitor_n, steps=recipe.student_steps,
+                             sampler="ddim", guidance=guidance, text_encoder=copy.deepcopy(t.text_encoder))
+    pixel_vae = pixel_term_vae(recipe, t.vae)
+    trainer = Trainer(cfg, model, step_loss(t.text_encoder, schedule, recipe, grid, pixel_vae),
+                      step_batches(traj, captions, t.tokenizer, grid, cfg.batch_size, cfg.seed,
                                    rollout=recipe.target == "rollout"),
                       monitor=monitor if cfg.monitor_every_s > 0 else None)
-    text_encoder.to(trainer.accelerator.device)
-    if pixel_vae is not None:
-        pixel_vae.to(trainer.accelerator.device)
-    trainer.run(resume=resume)
-    folder = out / "model"
-    if not trainer.accelerator.is_main_process:
-        return folder
-    text_encoder.cpu()
-    final_model, chosen = trainer.final_model()
+    with on_device(trainer.accelerator.device, t.text_encoder, pixel_vae):
+        trainer.run(resume=resume)
     card = {"description": f"{recipe.student_steps}-step student of {Path(teacher_dir).name} by direct step "
                            f"distillation (CFG {recipe.guidance} baked in)",
-            "trained": True, **export_card(chosen), "teacher": str(teacher_dir), "student": recipe.student,
-            "recipe": asdict(recipe), "defaults": {"steps": recipe.student_steps, "sampler": "ddim",
-                                                   "guidance": guidance}}
-    save_components(folder, final_model["unet"].cpu().eval(), vae, text_encoder, tokenizer, sched_cfg, overwrite=True,
-                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
-    return folder
+            "teacher": str(teacher_dir), "student": recipe.student, "recipe": asdict(recipe),
+            "defaults": {"steps": recipe.student_steps, "sampler": "ddim", "guidance": guidance}}
+    return export_model(trainer, out / "model", card, lambda final: {
+        "unet": final["unet"], "vae": t.vae, "text_encoder": t.text_encoder, "tokenizer": t.tokenizer,
+        "scheduler_config": sched_cfg})

@@ -13,20 +13,17 @@ latents of a pool of fresh renders are computed once (encoding on the fly would 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..data.shapes import sample_batch
-from ..latents import region_weighted_mean, to_pixels
+from ..latents import region_weighted_mean
 from ..schedule import NoiseSchedule, noised, target_for
 from ..text.tokenizer import shapes_tokenizer
-from .trainer import TrainConfig, Trainer, export_card
+from .common import (cached_pool, check_foreground, export_model, latent_batches, sampling_check,
+                     start_run)
+from .trainer import TrainConfig, Trainer
 
 # v1 (the first shipped teacher): SD-v1.5's four stages scaled down. Measured on it (issue 20): the 16x16 level held
 # 3.5% of the parameters in 32 channels, the 4x4 and 2x2 levels 83% and ignored the caption (swapping the shape word
@@ -107,12 +104,6 @@ class TeacherRecipe:
             raise ValueError("give init_from (UNet and text encoder) or text_init_from (text encoder only), not both")
 
 
-def check_foreground(weight: float, threshold: float) -> None:
-    """The recipes' foreground-weighting options: a non-negative extra weight and a positive threshold."""
-    if weight < 0 or threshold <= 0:
-        raise ValueError(f"need foreground_weight >= 0 and foreground_threshold > 0, got {weight} and {threshold}")
-
-
 def build_text_encoder(recipe: TeacherRecipe, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -134,71 +125,6 @@ def initial_text_encoder(recipe: TeacherRecipe, tokenizer):
         raise ValueError(f"{recipe.text_init_from}: its text encoder's config differs from the recipe's; "
                          "train it from scratch (no --text-init-from)")
     return text.requires_grad_(True).train()
-
-
-@torch.no_grad()
-def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """Scaled VAE latents (posterior means) of ``n`` fresh renders, and their captions."""
-    rng = np.random.default_rng([seed, 999])
-    lat, caps = [], []
-    for i in tqdm(range(0, n, batch), desc="encoding latent pool", unit="batch"):
-        images, captions, _ = sample_batch(rng, min(batch, n - i), split=split)
-        lat.append(vae.encode(to_pixels(images)).latent_dist.mode() * vae.config.scaling_factor)
-        caps += captions
-    return torch.cat(lat), caps
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """A SHA-256 of a module's state (names, dtypes, values): the same weights give the same digest,
-    wherever the folder they were loaded from."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size and seed
-    (so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*`` across).
-
-    With several processes the main one encodes and writes first; the others then read its file.
-    """
-    from accelerate import PartialState
-    from safetensors.torch import load_file, save_file
-
-    key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
-    pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
-    with PartialState().main_process_first():
-        if pool_file.is_file() and meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            if meta.get("key") == key:
-                return load_file(str(pool_file))["latents"], meta["captions"]
-        latents, captions = encode_pool(vae, n, seed)
-        if PartialState().is_main_process:
-            save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
-            meta_file.write_text(json.dumps({"key": key, "captions": captions}))
-            (out / "latent_pool.tmp").rename(pool_file)
-    return latents, captions
-
-
-def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_size: int, seed: int,
-                   caption_dropout: float):
-    """batches(step) -> {"latents", "input_ids"}: a pure function of the step (resumable)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids[0]
-
-    def batches(step: int) -> dict:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
-        input_ids = ids[idx].clone()
-        drop = torch.rand(batch_size, generator=g) < caption_dropout
-        input_ids[drop] = empty
-        return {"latents": latents[idx], "input_ids": input_ids, "seed": seed * 1_000_003 + step}
-
-    return batches
 
 
 def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0, foreground_weight: float = 0.0,
@@ -227,47 +153,20 @@ def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0, foregrou
     return loss_fn
 
 
-def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, runner: str = "eager"):
-    from ..pipeline import Pipeline
-
-    return Pipeline(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler_config, runner=runner)
-
-
-def monitor_fn(recipe: TeacherRecipe, vae, tokenizer):
-    """Sample fresh prompts with the EMA weights and score them with the checker (catches noise early)."""
-    from ..eval.checker import aggregate, check
-    from ..eval.quality import fresh_prompts
-
-    prompts = fresh_prompts(recipe.monitor_n, seed=7)
-
-    def monitor(step: int, model) -> dict:
-        pipe = make_pipeline(model["unet"], vae, model["text_encoder"], tokenizer, recipe.scheduler)
-        images = []
-        for i in range(0, len(prompts), 16):
-            res = pipe(prompts[i:i + 16], steps=recipe.monitor_steps, sampler="ddim",
-                       guidance=recipe.monitor_guidance, seed=i)
-            images += [np.asarray(im) for im in res.images]
-        s = aggregate([check(im, p) for im, p in zip(images, prompts)])
-        return {"all_correct": s["all_correct"], "colour": s["colour"], "shape": s["shape"],
-                "position_present": s["present"], "background": s["background"]}
-
-    return monitor
-
-
 def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe | None = None,
                   resume: bool = True) -> Path:
     """Train UNet + text encoder on the VAE's latents; writes ``cfg.out_dir/model`` (a diffusers folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..folder import load_components
+
     recipe = recipe or TeacherRecipe()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(cfg)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
     tokenizer = shapes_tokenizer()
     latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     torch.manual_seed(cfg.seed)
     if recipe.init_from:  # continue a trained teacher (its own architecture; the recipe's is ignored)
-        from ..folder import load_components
-
         parts = load_components(recipe.init_from)
         model = torch.nn.ModuleDict({"unet": parts["unet"].float(), "text_encoder": parts["text_encoder"].float()})
         model.requires_grad_(True).train()
@@ -275,21 +174,16 @@ def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe |
         model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
                                      "text_encoder": initial_text_encoder(recipe, tokenizer)})
     schedule = NoiseSchedule.from_config(recipe.scheduler)
+    monitor = sampling_check(vae, tokenizer, recipe.scheduler, n=recipe.monitor_n, steps=recipe.monitor_steps,
+                             sampler="ddim", guidance=recipe.monitor_guidance)
     trainer = Trainer(cfg, model, diffusion_loss(schedule, recipe.min_snr_gamma, recipe.foreground_weight,
                                                  recipe.foreground_threshold),
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=monitor_fn(recipe, vae, tokenizer))
+                      monitor=monitor)
     trainer.run(resume=resume)
-    folder = out / "model"
-    if not trainer.accelerator.is_main_process:
-        return folder
-    final, chosen = trainer.final_model()
-    final = final.cpu()
-    from ..folder import save_components
-
-    card = {"description": "Shapes teacher: scaled-down SD-v1.5 UNet + CLIP text encoder, trained by pocketdiff",
-            "trained": True, **export_card(chosen, recipe.init_from),
+    card = {"description": "Shapes teacher: SD-style UNet (BK-SDM-compatible blocks) + CLIP text encoder, trained by "
+                           "pocketdiff", "architecture": recipe.arch if not recipe.init_from else "init_from",
             "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": recipe.monitor_guidance}}
-    save_components(folder, final["unet"], vae, final["text_encoder"], tokenizer, recipe.scheduler, overwrite=True,
-                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
-    return folder
+    return export_model(trainer, out / "model", card, lambda final: {
+        "unet": final["unet"], "vae": vae, "text_encoder": final["text_encoder"], "tokenizer": tokenizer,
+        "scheduler_config": recipe.scheduler}, recipe.init_from)

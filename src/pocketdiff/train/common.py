@@ -1,0 +1,217 @@
+"""What every training recipe shares besides the loop: the teacher's parts, the run folder, frozen modules on
+the trainer's device, the sampling check, and the export of the final model with its card.
+
+A recipe module holds its config dataclass, its batches and its loss; its ``train_*`` entry point strings them
+together with these pieces and :class:`~pocketdiff.train.trainer.Trainer`. Recipes import this module and the
+trainer, not each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.shapes import sample_batch
+from ..latents import to_pixels
+from ..schedule import NoiseSchedule
+from .trainer import TrainConfig, Trainer, export_card
+
+# The per-object and per-scene rates a sampling check reports (and keep_best can select on).
+CHECK_METRICS = ("all_correct", "colour", "shape", "size", "present", "background")
+
+
+@dataclass
+class TeacherParts:
+    """A loaded model folder's parts, as distillation recipes use them (frozen, on the CPU)."""
+
+    folder: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_config(self.scheduler_config)
+
+
+def load_teacher(folder: str | Path) -> TeacherParts:
+    """The UNet, VAE, text encoder, tokenizer and scheduler config of a diffusers folder."""
+    from ..folder import load_components
+
+    parts = load_components(folder)
+    return TeacherParts(Path(folder), parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                        parts["scheduler_config"])
+
+
+def start_run(cfg: TrainConfig) -> Path:
+    """The run folder (created) and the seeded global RNG of a recipe's model initialisation."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a run folder; pass another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    return out
+
+
+def matching_schedule(teacher_config: dict, student_config: dict, student: str, what: str) -> NoiseSchedule:
+    """The teacher's noise schedule with the student's prediction type; the two must share noise levels."""
+    student_schedule = NoiseSchedule.from_config(student_config)
+    schedule = NoiseSchedule.from_config({**teacher_config, "prediction_type": student_schedule.prediction_type})
+    if not (schedule.alphas_cumprod == student_schedule.alphas_cumprod).all():
+        raise ValueError(f"{student}: its noise schedule differs from the teacher's; {what} needs the same one")
+    return schedule
+
+
+@contextmanager
+def on_device(device: torch.device, *modules: torch.nn.Module | None) -> Iterator[None]:
+    """Frozen modules on the trainer's device for the run, back on the CPU after it (for the export)."""
+    kept = [m for m in modules if m is not None]
+    for m in kept:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in kept:
+            m.cpu()
+
+
+def check_foreground(weight: float, threshold: float) -> None:
+    """The recipes' foreground-weighting options: a non-negative extra weight and a positive threshold."""
+    if weight < 0 or threshold <= 0:
+        raise ValueError(f"need foreground_weight >= 0 and foreground_threshold > 0, got {weight} and {threshold}")
+
+
+# ---- latent pools and their batches ----------------------------------------------------------------
+@torch.no_grad()
+def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """Scaled VAE latents (posterior means) of ``n`` fresh renders, and their captions."""
+    rng = np.random.default_rng([seed, 999])
+    lat, caps = [], []
+    for i in tqdm(range(0, n, batch), desc="encoding latent pool", unit="batch"):
+        images, captions, _ = sample_batch(rng, min(batch, n - i), split=split)
+        lat.append(vae.encode(to_pixels(images)).latent_dist.mode() * vae.config.scaling_factor)
+        caps += captions
+    return torch.cat(lat), caps
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A SHA-256 of a module's state (names, dtypes, values): the same weights give the same digest,
+    wherever the folder they were loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size and seed
+    (so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*`` across).
+
+    With several processes the main one encodes and writes first; the others then read its file.
+    """
+    from accelerate import PartialState
+    from safetensors.torch import load_file, save_file
+
+    key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
+    pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
+    with PartialState().main_process_first():
+        if pool_file.is_file() and meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            if meta.get("key") == key:
+                return load_file(str(pool_file))["latents"], meta["captions"]
+        latents, captions = encode_pool(vae, n, seed)
+        if PartialState().is_main_process:
+            save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
+            meta_file.write_text(json.dumps({"key": key, "captions": captions}))
+            (out / "latent_pool.tmp").rename(pool_file)
+    return latents, captions
+
+
+def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_size: int, seed: int,
+                   caption_dropout: float):
+    """batches(step) -> {"latents", "input_ids"}: a pure function of the step (resumable)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+
+    def batches(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
+        input_ids = ids[idx].clone()
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        input_ids[drop] = empty
+        return {"latents": latents[idx], "input_ids": input_ids, "seed": seed * 1_000_003 + step}
+
+    return batches
+
+
+# ---- checks and export ----------------------------------------------------------------------------
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, runner: str = "eager"):
+    """A generation pipeline over modules in memory (eval mode)."""
+    from ..pipeline import Pipeline
+
+    return Pipeline(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler_config, runner=runner)
+
+
+def check_summary(r: dict) -> dict:
+    """The monitor's metrics from an :func:`~pocketdiff.eval.quality.evaluate` result: the overall rates,
+    single-object all-correct, and the shape accuracy per asked-for shape (``shape:<name>``)."""
+    out = {k: r[k] for k in CHECK_METRICS}
+    one = {int(k): v for k, v in r["by_count"].items()}.get(1)
+    if one is not None:
+        out["one_object"] = one["all_correct"]
+    out.update({f"shape:{s}": v["shape"] for s, v in r["by_shape"].items() if v["n"]})
+    return out
+
+
+def sampling_check(vae, tokenizer, scheduler_config: dict, *, n: int, steps: int, sampler: str, guidance: float,
+                   text_encoder=None, unet: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m["unet"]):
+    """``monitor(step, model)``: ``n`` fresh prompts sampled with the model's (EMA) UNet and scored by the checker
+    through :func:`~pocketdiff.eval.quality.evaluate` (:func:`check_summary`'s metrics).
+
+    ``text_encoder``: a frozen one for recipes that do not train it (give a CPU copy: checks run on the CPU);
+    None takes ``model["text_encoder"]``. ``unet`` picks (or builds, e.g. merges a LoRA) the UNet from the model.
+    """
+    from ..eval.quality import evaluate
+
+    def monitor(step: int, model) -> dict:
+        text = text_encoder if text_encoder is not None else model["text_encoder"]
+        pipe = make_pipeline(unet(model), vae, text, tokenizer, scheduler_config)
+        r = evaluate(pipe, n=n, steps=steps, sampler=sampler, guidance=guidance, seed=7, batch_size=16,
+                     progress=False)
+        return check_summary(r)
+
+    return monitor
+
+
+def export_model(trainer: Trainer, folder: Path, card: dict, components: Callable[[torch.nn.Module], dict],
+                 init_from: str = "") -> Path:
+    """Write the final model (:meth:`Trainer.final_model`: the best kept check, else the last EMA weights) as a
+    diffusers folder with its card ``pocketdiff.json``; only the main process writes.
+
+    ``components(final)`` returns the folder's parts: ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and
+    ``scheduler_config``. The card gains the trained steps and which check was kept (``export_card``).
+    """
+    from ..folder import save_components
+
+    if not trainer.accelerator.is_main_process:
+        return folder
+    final, chosen = trainer.final_model()
+    parts = components(final.cpu())
+    card = {"trained": True, **card, **export_card(chosen, init_from)}
+    save_components(folder, parts["unet"].cpu().eval(), parts["vae"], parts["text_encoder"].cpu(), parts["tokenizer"],
+                    parts["scheduler_config"], overwrite=True,
+                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    return folder
