@@ -487,136 +487,33 @@ def cmd_export(args) -> int:
 
 
 # ---- train ------------------------------------------------------------------------------------
-def _add_dataclass_flags(parser, cls, defaults: dict | None = None) -> list[str]:
-    """One --flag per scalar field of a config dataclass (its comment-free name, its type)."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    names = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if tp not in (int, float, str, bool):
-            continue
-        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default,
-                                metavar="BOOL", help=f"(default: {default})")
-        else:
-            parser.add_argument(flag, type=tp, default=default, help=f"(default: {default})")
-        names.append(f.name)
-    return names
-
-
 def _add_train(sub) -> None:
-    from .train.autoencoder import DEFAULT_TRAIN as VAE_TRAIN
-    from .train.autoencoder import VAERecipe
-    from .train.teacher import DEFAULT_TRAIN as TEACHER_TRAIN
-    from .train.teacher import TeacherRecipe
+    from .config import add_flags
+    from .train.registry import RECIPES
     from .train.trainer import TrainConfig
 
     train = sub.add_parser("train", help="training recipes (resumable; Ctrl-C saves a checkpoint)")
     recipes = train.add_subparsers(dest="recipe", required=True, parser_class=_Parser)
-
-    def add_recipe(name: str, about: str, recipe_cls, train_defaults: dict, teacher: bool = False):
-        """A recipe's subcommand: --teacher (distillation recipes), its TrainConfig and recipe flags, --no-resume."""
-        p = recipes.add_parser(name, help=about)
-        if teacher:
+    for name, spec in RECIPES.items():
+        p = recipes.add_parser(name, help=spec.help, description=spec.help)
+        if spec.needs_teacher:
             p.add_argument("--teacher", required=True, help="teacher model folder or shipped model name")
-        p.set_defaults(func=cmd_train, recipe_cls=recipe_cls,
-                       train_fields=_add_dataclass_flags(p, TrainConfig, train_defaults),
-                       recipe_fields=_add_dataclass_flags(p, recipe_cls))
+        p.set_defaults(func=cmd_train, train_fields=add_flags(p, TrainConfig, spec.defaults),
+                       recipe_fields=add_flags(p, spec.config))
         p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-        return p
-
-    from .eval.clip import ClipConfig
-    from .train.clip import DEFAULT_TRAIN as CLIP_TRAIN
-    from .train.decoder import DEFAULT_TRAIN as DECODER_TRAIN
-    from .train.decoder import DecoderRecipe
-    from .train.kd import DEFAULT_TRAIN as KD_TRAIN
-    from .train.kd import KDRecipe
-    from .train.lcm import DEFAULT_TRAIN as LCM_TRAIN
-    from .train.lcm import LCMRecipe
-    from .train.step import DEFAULT_TRAIN as STEP_TRAIN
-    from .train.step import StepRecipe
-
-    add_recipe("vae", "the Shapes AutoencoderKL (checked by the checker on reconstructions)", VAERecipe, VAE_TRAIN)
-    p = add_recipe("teacher", "the Shapes teacher: SD-style UNet + CLIP text encoder on VAE latents", TeacherRecipe,
-                   TEACHER_TRAIN)
-    p.add_argument("--vae", default="shapes-vae",
-                   help="a trained VAE folder (`train vae` writes OUT/vae) or a shipped one (default: shapes-vae)")
-    add_recipe("clip", "the domain CLIP (image/text dual encoder) behind eval's CLIP score and FD", ClipConfig,
-               CLIP_TRAIN)
-    add_recipe("kd", "knowledge distillation of a compact UNet (BK-SDM) from a teacher folder", KDRecipe, KD_TRAIN,
-               teacher=True)
-    add_recipe("lcm", "latent consistency distillation (LCM, or LCM-LoRA with --lora-rank) from a teacher folder; "
-                      "--student teacher|FOLDER", LCMRecipe, LCM_TRAIN, teacher=True)
-    add_recipe("step", "direct step distillation (SnapFusion, CFG-aware) of --student into a --student-steps DDIM "
-                       "model of the teacher", StepRecipe, STEP_TRAIN, teacher=True)
-    add_recipe("decoder", "a channel-pruned VAE distilled from the teacher's on --generator's latents (SnapFusion); "
-                          "writes OUT/vae and OUT/model", DecoderRecipe, DECODER_TRAIN, teacher=True)
 
 
 def cmd_train(args) -> int:
+    from .train.registry import RECIPES, run_recipe
     from .train.trainer import TrainConfig
 
+    spec = RECIPES[args.recipe]
     try:
         cfg = TrainConfig(**{k: getattr(args, k) for k in args.train_fields})
-        recipe = args.recipe_cls(**{k: getattr(args, k) for k in args.recipe_fields})
+        recipe = spec.config(**{k: getattr(args, k) for k in args.recipe_fields})
+        # recipes raise ValueError for inputs that do not fit (wrong student, a checkpoint of another model)
+        out = run_recipe(args.recipe, cfg, recipe, getattr(args, "teacher", None), resume=not args.no_resume)
     except (TypeError, ValueError) as e:
-        raise PocketdiffError(str(e)) from None
-    from .models.registry import resolve_model
-
-    from .models.components import resolve_component
-
-    if args.recipe == "teacher":
-        args.vae = str(resolve_component(args.vae))
-        if not (Path(args.vae) / "config.json").is_file():
-            raise PocketdiffError(f"{args.vae}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
-    if args.recipe in ("teacher", "kd") and recipe.init_from:
-        recipe.init_from = str(resolve_model(recipe.init_from))
-    if args.recipe == "teacher" and recipe.text_init_from:
-        recipe.text_init_from = str(resolve_model(recipe.text_init_from))
-    if args.recipe == "vae" and recipe.init_from:
-        recipe.init_from = str(resolve_component(recipe.init_from))
-    if args.recipe == "lcm" and recipe.student != "teacher":
-        recipe.student = str(resolve_model(recipe.student))
-    if args.recipe == "step":
-        recipe.student = str(resolve_model(recipe.student or args.teacher))
-    if args.recipe == "decoder" and recipe.generator:
-        recipe.generator = str(resolve_model(recipe.generator))
-    resume = not args.no_resume
-    try:  # recipes raise ValueError for inputs that do not fit (wrong student, a checkpoint of another model)
-        if args.recipe == "vae":
-            from .train.autoencoder import train_vae
-
-            out = train_vae(cfg, recipe, resume=resume)
-        elif args.recipe == "clip":
-            from .train.clip import train_clip
-
-            out = train_clip(cfg, recipe, resume=resume)
-        elif args.recipe == "teacher":
-            from .train.teacher import train_teacher
-
-            out = train_teacher(cfg, args.vae, recipe, resume=resume)
-        elif args.recipe == "kd":
-            from .train.kd import train_kd
-
-            out = train_kd(cfg, resolve_model(args.teacher), recipe, resume=resume)
-        elif args.recipe == "decoder":
-            from .train.decoder import train_decoder
-
-            out = train_decoder(cfg, resolve_model(args.teacher), recipe, resume=resume)
-        elif args.recipe == "step":
-            from .train.step import train_step_distill
-
-            out = train_step_distill(cfg, resolve_model(args.teacher), recipe, resume=resume)
-        else:
-            from .train.lcm import train_lcm
-
-            out = train_lcm(cfg, resolve_model(args.teacher), recipe, resume=resume)
-    except ValueError as e:
         raise PocketdiffError(str(e)) from None
     print(f"wrote {out}")
     return 0

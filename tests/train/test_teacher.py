@@ -28,13 +28,14 @@ def test_teacher_trains_then_continues_with_its_step_total(tmp_path):
     vae_dir = tmp_path / "vae"
     tiny_components(0)["vae"].save_pretrained(vae_dir, safe_serialization=True)
     recipe = dict(unet=TINY_UNET, text=TINY_TEXT, pool_size=4)
-    first = train_teacher(_cfg(tmp_path / "a", 2), vae_dir, TeacherRecipe(**recipe), resume=False)
+    first = train_teacher(_cfg(tmp_path / "a", 2), TeacherRecipe(vae=str(vae_dir), **recipe), resume=False)
     card = json.loads((first / "pocketdiff.json").read_text())
     assert card["steps_trained"] == 2 and "init_from" not in card
     start = load_components(first)["unet"].state_dict()
 
-    again = train_teacher(_cfg(tmp_path / "b", 1), vae_dir,
-                          TeacherRecipe(**recipe, init_from=str(first), foreground_weight=4.0), resume=False)
+    again = train_teacher(_cfg(tmp_path / "b", 1),
+                          TeacherRecipe(vae=str(vae_dir), **recipe, init_from=str(first), foreground_weight=4.0),
+                          resume=False)
     card = json.loads((again / "pocketdiff.json").read_text())
     assert card["init_from"] == str(first) and card["steps_this_run"] == 1 and card["steps_trained"] == 3
     after = load_components(again)["unet"].state_dict()
@@ -44,3 +45,17 @@ def test_teacher_trains_then_continues_with_its_step_total(tmp_path):
 def test_steps_card_counts_a_folder_without_a_card_as_untrained(tmp_path):
     assert steps_card(5) == {"steps_trained": 5}
     assert steps_card(5, str(tmp_path)) == {"steps_trained": 5, "steps_this_run": 5, "init_from": str(tmp_path)}
+
+
+def test_init_from_keeps_the_folders_own_tokenizer(tmp_path):
+    """A continued teacher reads captions with its folder's tokenizer, not the Shapes one (issue 23)."""
+    from pocketdiff.folder import load_components, save_components
+    from pocketdiff.models.tiny import tiny_components
+
+    c = tiny_components(0)
+    save_components(tmp_path / "base", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    c["vae"].save_pretrained(tmp_path / "vae", safe_serialization=True)
+    out = train_teacher(_cfg(tmp_path / "run", 1), TeacherRecipe(vae=str(tmp_path / "vae"), pool_size=4,
+                                                                 init_from=str(tmp_path / "base")), resume=False)
+    got, want = load_components(out)["tokenizer"], c["tokenizer"]
+    assert got.get_vocab() == want.get_vocab()

@@ -42,16 +42,16 @@ class ClipConfig:
     stem_channels: int = 0  # >0: a full-resolution 3x3 conv before the stages (costs ~25% of the image tower)
     norm_groups: int = 8  # GroupNorm groups; must divide every channel count
     pool: str = "attention"  # "attention" (CLIP ResNet's AttentionPool2d) | "mean" (global average)
-    pool_heads: int = 4
+    pool_heads: int = 4  # heads of the attention pool
     embed_dim: int = 128  # shared embedding space
-    text_hidden: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    text_intermediate: int = 512
+    text_hidden: int = 128  # text transformer width
+    text_layers: int = 3  # text transformer layers
+    text_heads: int = 4  # text transformer heads
+    text_intermediate: int = 512  # text transformer MLP width
     max_length: int = 32  # tokens, with BOS/EOS (the longest Shapes caption is exactly 32)
-    logit_scale_init: float = math.log(1 / 0.07)
-    logit_scale_max: float = 100.0
-    image_size: int = 64
+    logit_scale_init: float = math.log(1 / 0.07)  # initial log temperature (CLIP's 1/0.07)
+    logit_scale_max: float = 100.0  # the temperature's cap, as in CLIP
+    image_size: int = 64  # input resolution, px
 
     def __post_init__(self) -> None:
         self.image_channels = tuple(int(c) for c in self.image_channels)

@@ -31,7 +31,7 @@ SHAPES_VAE = dict(
 class VAERecipe:
     arch: dict = field(default_factory=lambda: dict(SHAPES_VAE))
     kl_weight: float = 1e-6  # relative to per-sample pixel sums, as in LDM
-    l2_weight: float = 1.0
+    l2_weight: float = 1.0  # weight of the pixel MSE beside the L1 term
     foreground_weight: float = 4.0  # extra loss weight on object pixels (objects are ~10% of an image)
     init_logvar: float = -8.0  # start the posterior nearly deterministic (std ~0.02) instead of std 1
     init_from: str = ""  # a trained VAE folder to continue from (e.g. the shipped shapes-vae); "" = scratch

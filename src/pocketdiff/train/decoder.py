@@ -42,14 +42,14 @@ class DecoderRecipe:
     generator: str = ""  # model folder whose generations are the distillation latents ("" = the teacher folder)
     n_generated: int = 2000  # generated latents, made once and cached in OUT
     generator_steps: int = 0  # 0: the generator's own default steps / sampler / guidance (its model card)
-    generator_sampler: str = ""
-    generator_guidance: float = 0.0
+    generator_sampler: str = ""  # "": the generator card's sampler
+    generator_guidance: float = 0.0  # 0: the generator card's guidance
     generated_fraction: float = 0.5  # share of each batch from generated latents (the rest: encoded renders)
     foreground_weight: float = 4.0  # extra decoder-loss weight on object pixels
-    l2_weight: float = 1.0
+    l2_weight: float = 1.0  # weight of the decoder's pixel MSE beside its L1 term
     encoder_weight: float = 1.0  # MSE to the teacher's posterior mean (0: leave the pruned encoder as inherited)
-    logvar_weight: float = 0.01
-    monitor_n: int = 256
+    logvar_weight: float = 0.01  # weight of the MSE to the teacher's posterior log-variance
+    monitor_n: int = 256  # fresh renders reconstructed and checked per monitor call
     final_check_n: int = 1000  # fresh renders checked at the end (OUT/vae/quality.json)
 
     def __post_init__(self):

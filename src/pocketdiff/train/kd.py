@@ -20,16 +20,16 @@ from ..schedule import NoiseSchedule, target_for
 @dataclass
 class KDRecipe:
     student: str = "bk-tiny"  # a name of pocketdiff.models.compact.COMPACT_PRESETS
-    task_weight: float = 1.0
-    output_weight: float = 1.0
-    feature_weight: float = 1.0
-    caption_dropout: float = 0.1
-    pool_size: int = 30_000
+    task_weight: float = 1.0  # weight of the denoising loss against the true target
+    output_weight: float = 1.0  # weight of output KD: the student's prediction against the teacher's
+    feature_weight: float = 1.0  # weight of feature KD: the stage outputs against the teacher's
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (keeps CFG working)
+    pool_size: int = 30_000  # rendered scenes whose latents are computed once
     inherit: bool = True  # seed the student with the teacher's weights (BK-SDM)
     init_from: str = ""  # a trained student folder whose UNet seeds the run instead (continue a KD student)
     # extra weight of the task and output-KD terms on object regions (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
-    foreground_threshold: float = 1.0
+    foreground_threshold: float = 1.0  # latent distance from the background code that marks an object
 
     def __post_init__(self) -> None:
         from .common import check_foreground

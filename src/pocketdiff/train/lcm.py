@@ -50,23 +50,23 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 class LCMRecipe:
     student: str = "teacher"  # "teacher": a copy of it (+ w-embedding); else a student folder (e.g. a KD student)
     w_min: float = 3.0  # guidance scale range sampled uniformly (pipeline convention: 1 = no guidance)
-    w_max: float = 15.0
+    w_max: float = 15.0  # upper end of the guidance range
     num_ddim_timesteps: int = 50  # N of the skipping-step DDIM solver: skip k = T / N
     loss: str = "huber"  # "huber" (pseudo-Huber) | "l2"
-    huber_c: float = 0.001
+    huber_c: float = 0.001  # pseudo-Huber c (the loss is sqrt(d^2 + c^2) - c)
     target_decay: float = 0.95  # EMA decay of the target network (0: the online student is its own target)
     time_cond_proj_dim: int = 256  # w-embedding width added to a student without one (0: none)
-    caption_dropout: float = 0.0
-    pool_size: int = 30_000
+    caption_dropout: float = 0.0  # share of captions replaced by the empty prompt
+    pool_size: int = 30_000  # rendered scenes whose latents are computed once
     lora_rank: int = 0  # > 0: LCM-LoRA adapter of this rank on the teacher (via peft) instead of a full model
     # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
-    foreground_threshold: float = 1.0
+    foreground_threshold: float = 1.0  # latent distance from the background code that marks an object
     # adversarial term (UFOGen / LADD; see train.adversarial): a discriminator on the teacher's encoder features
     # judges the student's clean estimate against the real latent, both re-noised to t' < adv_t_max
     adv_weight: float = 0.0  # weight of the generator term (0: off)
-    adv_t_max: int = 500
-    adv_head_channels: int = 64
+    adv_t_max: int = 500  # re-noising level range [0, adv_t_max) of the adversarial term
+    adv_head_channels: int = 64  # width of the discriminator heads
     adv_lr_scale: float = 10.0  # the heads' learning rate over the student's
     monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
     monitor_steps: int = 4  # LCM steps of the monitor's samples

@@ -49,13 +49,13 @@ class StepRecipe:
     # (the later steps then train on the student's own intermediate latents, as at inference)
     target: str = "segment"
     foreground_weight: float = 0.0  # extra weight of the loss on object regions (see teacher.TeacherRecipe)
-    foreground_threshold: float = 1.0
+    foreground_threshold: float = 1.0  # latent distance from the background code that marks an object
     # a pixel-space term: the student's x0 and its target decoded by a frozen VAE decoder, L1 on the pixels
     # (object pixels weighted 1 + foreground_weight), so detail the latent MSE underweights (thin outlines,
     # corners: below a latent pixel at 4x downsampling) counts as much as what the eye and the checker see
     pixel_weight: float = 0.0
     pixel_vae: str = ""  # the VAE folder (or shipped component) whose decoder the term uses ("" = the teacher's)
-    monitor_n: int = 48
+    monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
 
     def __post_init__(self) -> None:
         check_foreground(self.foreground_weight, self.foreground_threshold)

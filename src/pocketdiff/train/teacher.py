@@ -70,12 +70,13 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-teacher", steps=30000, batch_size=32, 
 
 @dataclass
 class TeacherRecipe:
+    vae: str = "shapes-vae"  # the VAE folder whose latents it learns (`train vae` writes OUT/vae) or a shipped one
     arch: str = "v2"  # a TEACHER_UNETS preset (ignored with init_from, which keeps its folder's architecture)
     unet: dict = field(default_factory=dict)  # an explicit UNet config; {} = the arch preset's
     text: dict = field(default_factory=lambda: dict(SHAPES_TEXT))
     scheduler: dict = field(default_factory=lambda: dict(SHAPES_SCHEDULER))
     pool_size: int = 60_000  # rendered scenes whose latents are computed once
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (trains CFG's unconditional branch)
     # 0: plain v-MSE. Min-SNR-5 (Hang et al. 2023) weighs a v-prediction loss by min(snr, 5) / (snr + 1), i.e.
     # ~snr at high noise: ~0.005 at t=999, where the layout (which object goes where) is decided. Measured on
     # the Shapes teacher: with it, objects at the right place stalled at 32-37% for 1,400 steps; 410 steps
@@ -91,8 +92,8 @@ class TeacherRecipe:
     # a model folder whose trained text encoder (same tokenizer and config) seeds a from-scratch UNet's run
     text_init_from: str = ""
     monitor_n: int = 48  # fresh prompts sampled and checked per monitor call
-    monitor_steps: int = 20
-    monitor_guidance: float = 4.0
+    monitor_steps: int = 20  # DDIM steps of the check's samples
+    monitor_guidance: float = 4.0  # CFG scale of the check's samples (and the card's default)
 
     def __post_init__(self) -> None:
         check_foreground(self.foreground_weight, self.foreground_threshold)
@@ -153,21 +154,24 @@ def diffusion_loss(schedule: NoiseSchedule, min_snr_gamma: float = 0.0, foregrou
     return loss_fn
 
 
-def train_teacher(cfg: TrainConfig, vae_dir: str | Path, recipe: TeacherRecipe | None = None,
-                  resume: bool = True) -> Path:
-    """Train UNet + text encoder on the VAE's latents; writes ``cfg.out_dir/model`` (a diffusers folder)."""
+def train_teacher(cfg: TrainConfig, recipe: TeacherRecipe | None = None, resume: bool = True) -> Path:
+    """Train UNet + text encoder on ``recipe.vae``'s latents; writes ``cfg.out_dir/model`` (a diffusers folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..folder import load_components
+    from ..models.components import resolve_component
 
     recipe = recipe or TeacherRecipe()
+    vae_dir = resolve_component(recipe.vae)
+    if not (Path(vae_dir) / "config.json").is_file():
+        raise ValueError(f"{vae_dir}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
     out = start_run(cfg)
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
-    tokenizer = shapes_tokenizer()
+    parts = load_components(recipe.init_from) if recipe.init_from else None
+    tokenizer = parts["tokenizer"] if parts else shapes_tokenizer()  # a continued folder keeps its own
     latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
     torch.manual_seed(cfg.seed)
-    if recipe.init_from:  # continue a trained teacher (its own architecture; the recipe's is ignored)
-        parts = load_components(recipe.init_from)
+    if parts:  # continue a trained teacher (its own architecture; the recipe's is ignored)
         model = torch.nn.ModuleDict({"unet": parts["unet"].float(), "text_encoder": parts["text_encoder"].float()})
         model.requires_grad_(True).train()
     else:

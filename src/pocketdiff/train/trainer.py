@@ -26,13 +26,13 @@ LossFn = Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict[str, fl
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # run folder: checkpoint, log.jsonl, best/ and the exported model
     steps: int = 1000  # optimizer steps in total
     batch_size: int = 32  # per process
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.1  # the cosine decay ends at this fraction of lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm (0: off)
     ema_decay: float = 0.999  # 0: no EMA
@@ -42,7 +42,7 @@ class TrainConfig:
     monitor_every_s: float = 600.0  # seconds between quality checks (monitor callback); 0: off
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16" (bf16 is ~100x slower on these CPUs)
     gradient_checkpointing: bool = False  # for SD-scale models on GPUs
-    seed: int = 0
+    seed: int = 0  # seeds the model initialisation and every batch (a batch is a function of seed and step)
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0: no limit
     # a monitor metric, higher is better (e.g. "all_correct"): every check that beats the best so far keeps
     # its EMA weights in out_dir/best, and the recipe exports those instead of the last ones ("": off)
