@@ -106,8 +106,18 @@ def test_wrong_number_of_negative_prompts(pipe):
 
 
 def test_negative_prompts_one_per_prompt(pipe):
-    result = pipe([PROMPT, PROMPT], negative_prompt=["blue", "green"], guidance=7.5, **RUN)
-    assert len(result.images) == 2
+    """Each image uses its own negative prompt: swapping them swaps the images (seeds follow the images), and
+    each matches a one-prompt run with that negative."""
+    kw = dict(guidance=7.5, output_type="latent", **RUN)
+    a = pipe([PROMPT, PROMPT], negative_prompt=["blue", "green"], seed=0, **kw).latents
+    b = pipe([PROMPT, PROMPT], negative_prompt=["green", "blue"], seed=0, **kw).latents
+    assert not torch.equal(a[0], a[1])
+    alone = pipe(PROMPT, negative_prompt="green", seed=1, **kw).latents[0]
+    assert _close(a[1], alone)
+    swapped = pipe([PROMPT, PROMPT], negative_prompt=["green", "blue"], seed=0, generator=[
+        torch.Generator().manual_seed(1), torch.Generator().manual_seed(0)], **kw).latents
+    assert _close(swapped[0], a[1]) and _close(swapped[1], a[0])
+    assert not _close(b[0], a[0])
 
 
 def test_no_prompts_raises(pipe):
@@ -194,3 +204,25 @@ def test_another_vae_folder_decodes_the_same_latents(tiny_folder, tmp_path):
         load_pipeline(tiny_folder, vae=tmp_path)
     with pytest.raises(PocketdiffError, match="not a VAE"):
         load_pipeline(tiny_folder, vae=tiny_folder / "unet")
+
+
+# ---- a recorded seeded slice ----------------------------------------------------------------------
+# Latents [0, :, 2, 2:5] of the shipped tiny-random folder (8x8 latents, eps prediction), recorded with the code
+# before the pipeline was split into steps: the runtime's arithmetic must not drift, seed for seed.
+RECORDED = {
+    ("dpmpp_2m", 4, 3.0): [-4.071073, -31.297741, 14.389477, -4.453918, -17.203176, 22.044167, 21.938021, 2.136083,
+                           18.629423, 1.707488, 10.062440, 22.631138],
+    ("ddim", 3, 1.0): [-0.886074, -6.992919, 3.131730, -0.953169, -3.620997, 4.783173, 4.636998, 0.225415, 3.722617,
+                       0.109420, 2.216059, 4.759654],
+}
+
+
+@pytest.mark.parametrize("sampler,steps,guidance", sorted(RECORDED))
+def test_recorded_seeded_slice_of_the_tiny_random_folder(sampler, steps, guidance):
+    from pocketdiff import load_pipeline
+
+    pipe = load_pipeline("tiny-random", runner="eager")
+    r = pipe(["a small red star at the top left on a blue background"], steps=steps, sampler=sampler,
+             guidance=guidance, seed=3, output_type="latent")
+    got = r.latents[0, :, 2, 2:5].flatten()
+    torch.testing.assert_close(got, torch.tensor(RECORDED[(sampler, steps, guidance)]), rtol=1e-5, atol=1e-4)

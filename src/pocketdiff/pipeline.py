@@ -200,13 +200,9 @@ class Pipeline:
         return sigmas, init
 
     # ---- generation --------------------------------------------------------------------------
-    def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 steps: int = 25, sampler: str = "dpmpp_2m", guidance: float = 7.5, seed: int | None = 0,
-                 generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
-                 width: int | None = None, num_images_per_prompt: int = 1, timestep_spacing: str | None = None,
-                 output_type: str = "pil", callback=None) -> GenerationResult:
-        t_start = time.perf_counter()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def _check_call(self, prompts, steps, sampler, guidance, height, width, timestep_spacing,
+                    num_images_per_prompt) -> tuple[float, int, int, np.ndarray, float]:
+        """Validated (guidance, height, width) and the sampler's noise levels and initial noise scale."""
         if not prompts:
             raise PocketdiffError("no prompts given; pass at least one prompt (an empty string is unconditional)")
         if sampler not in SAMPLERS:
@@ -215,22 +211,20 @@ class Pipeline:
             raise PocketdiffError(f"steps must be an integer >= 1, got {steps!r}")
         guidance = _check_finite("guidance", guidance)
         height, width = self.check_size(height, width)
-        f = self.vae_scale_factor
         if timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise PocketdiffError(f"unknown timestep spacing {timestep_spacing!r}; choose leading, trailing or linspace")
         try:
             sigmas, init_sigma = self.sigmas(steps, sampler, timestep_spacing)
         except ValueError as e:
             raise PocketdiffError(str(e)) from None
-
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PocketdiffError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        timings = Timings()
-        n_prompts = len(prompts)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        return guidance, height, width, sigmas, init_sigma
+
+    def conditioning(self, prompts: list[str], negative_prompt, guidance: float, n_prompts: int,
+                     per_prompt: int) -> Conditioning:
+        """Text states of the (repeated) prompts, and CFG's negative-prompt states or the guidance embedding."""
         b = len(prompts)
-        # 1. text conditioning
-        t0 = time.perf_counter()
         cond_states = self.encode_prompt(prompts)  # (B, L, D)
         w_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         uncond_states, w_emb = None, None
@@ -240,30 +234,24 @@ class Pipeline:
             neg = [negative_prompt or ""] * n_prompts if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
             if len(neg) != n_prompts:
                 raise PocketdiffError(f"got {len(neg)} negative prompts for {n_prompts} prompts; pass one, or one per prompt")
-            neg = [n for n in neg for _ in range(num_images_per_prompt)]
-            uncond_states = self.encode_prompt(neg)
-        timings.text_encoder = time.perf_counter() - t0
-        cond = Conditioning(cond_states, uncond_states, guidance, w_emb)
+            uncond_states = self.encode_prompt([n for n in neg for _ in range(per_prompt)])
+        return Conditioning(cond_states, uncond_states, guidance, w_emb)
 
-        # 2. noise: one generator per image (image i of seed s is reproducible alone with seed s+i)
-        seeds: list[int | None]
+    @staticmethod
+    def generators(b: int, seed: int | None, generator) -> tuple[list[torch.Generator] | torch.Generator, list]:
+        """One generator per image (image i of seed s is reproducible alone with seed s+i), or the caller's."""
         if generator is None:
             seed = 0 if seed is None else int(seed)
-            generator = [torch.Generator().manual_seed(seed + i) for i in range(b)]
-            seeds = [seed + i for i in range(b)]
-        else:
-            if isinstance(generator, list) and len(generator) != b:
-                raise PocketdiffError(f"got {len(generator)} generators for {b} images; pass one per image "
-                                      "(prompts x num_images_per_prompt) or a single generator")
-            seeds = [None] * b
-        shape = (b, self.unet.config.in_channels, height // f, width // f)
-        device = self.device
-        noise = _randn(shape, generator).to(device)  # drawn on the CPU: the same images on every device
-        x = noise * init_sigma  # (B, C, h, w) VE latent at sigmas[0]
+            return [torch.Generator().manual_seed(seed + i) for i in range(b)], [seed + i for i in range(b)]
+        if isinstance(generator, list) and len(generator) != b:
+            raise PocketdiffError(f"got {len(generator)} generators for {b} images; pass one per image "
+                                  "(prompts x num_images_per_prompt) or a single generator")
+        return generator, [None] * b
 
-        # 3. sampling
+    def sample(self, x: torch.Tensor, sigmas: np.ndarray, sampler: str, cond: Conditioning, generator,
+               steps: int, step_times: list[float], callback=None) -> torch.Tensor:
+        """Run ``sampler`` from the VE latent ``x`` at ``sigmas[0]``; each step's time goes to ``step_times``."""
         spec = SAMPLERS[sampler]
-        step_times: list[float] = timings.unet_steps
         last = [time.perf_counter()]
 
         def on_step(info: dict) -> None:
@@ -275,14 +263,37 @@ class Pipeline:
 
         kwargs = {}
         if spec.stochastic:
-            kwargs["noise_sampler"] = lambda s, s_next: _randn(shape, generator).to(device)
+            kwargs["noise_sampler"] = lambda s, s_next: _randn(tuple(x.shape), generator).to(x.device)
         if spec.boundary:
             kwargs["boundary"] = lambda s: lcm_boundary(self.schedule, self.denoiser.sigma_to_t(s))
         self.runner.plan_calls(max(self.runner.planned_calls, steps))  # a caller may have planned more
         last[0] = time.perf_counter()
-        x = spec.fn(self.denoiser, x, sigmas, extra_args={"cond": cond}, callback=on_step, **kwargs)
-        latents = x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)  # VE -> VP (diffusers) scale
+        return spec.fn(self.denoiser, x, sigmas, extra_args={"cond": cond}, callback=on_step, **kwargs)
 
+    def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 steps: int = 25, sampler: str = "dpmpp_2m", guidance: float = 7.5, seed: int | None = 0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, timestep_spacing: str | None = None,
+                 output_type: str = "pil", callback=None) -> GenerationResult:
+        t_start = time.perf_counter()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        guidance, height, width, sigmas, init_sigma = self._check_call(
+            prompts, steps, sampler, guidance, height, width, timestep_spacing, num_images_per_prompt)
+        timings = Timings()
+        n_prompts = len(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        # 1. text conditioning
+        t0 = time.perf_counter()
+        cond = self.conditioning(prompts, negative_prompt, guidance, n_prompts, num_images_per_prompt)
+        timings.text_encoder = time.perf_counter() - t0
+        # 2. noise, drawn on the CPU: the same images on every device
+        generator, seeds = self.generators(len(prompts), seed, generator)
+        f = self.vae_scale_factor
+        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        x = _randn(shape, generator).to(self.device) * init_sigma  # (B, C, h, w) VE latent at sigmas[0]
+        # 3. sampling
+        x = self.sample(x, sigmas, sampler, cond, generator, steps, timings.unet_steps, callback)
+        latents = x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)  # VE -> VP (diffusers) scale
         # 4. decoding
         images: list[Image.Image] = []
         if output_type != "latent":

@@ -134,8 +134,15 @@ def test_cli_export_bad_input(tiny_folder, exported, tmp_path, capsys):
                                               "note.txt"])
 
 
-def test_export_manifest_is_json(exported):
-    json.loads((exported / "manifest.json").read_text())
+def test_export_manifest_on_disk_names_real_files_and_records_passed_parity(exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    assert m == read_manifest(exported) and m["source"] == "tiny-w"
+    for name, c in m["components"].items():
+        assert (exported / c["file"]).is_file() and (exported / c["file"]).stat().st_size > 0, name
+        par = c["parity"]
+        assert 0 <= par["max_abs"] < 1e-3, (name, par)  # within the export's own gate
+        assert par["psnr_db"] is None or par["psnr_db"] >= 60, (name, par)  # MIN_PSNR of the gate
+    assert (exported / "tokenizer").is_dir() and (exported / "scheduler" / "scheduler_config.json").is_file()
 
 
 def test_dynamic_int8_matmul_runs_close_to_fp32(exported, tmp_path):
