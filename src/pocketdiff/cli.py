@@ -199,33 +199,12 @@ def _torch_device(name: str):
     return device
 
 
-def cmd_generate(args) -> int:
-    import statistics
-    import time
-
-    import torch
-    from tqdm import tqdm
-
-    from . import __version__
+def _load_generator(args, folder: Path):
+    """The pipeline ``generate`` runs: the ONNX export with --backend onnxruntime, else the torch folder (with
+    --vae, tiling and --device); every flag that does not fit the backend is refused before the load."""
     from .export import read_manifest
-    from .models.registry import model_card, resolve_model
     from .pipeline import Pipeline
 
-    prompts = _read_prompts(args)
-    if args.steps is not None and args.steps < 1:
-        raise PocketdiffError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
-    if args.num_images < 1 or args.batch_size < 1:
-        raise PocketdiffError("--num-images and --batch-size must be >= 1")
-    paths = _output_paths(args.output, prompts, args.num_images, args.seed, args.overwrite)
-    folder = resolve_model(args.model)
-    card = model_card(folder).get("defaults", {})
-    steps = args.steps or int(card.get("steps", 25))
-    sampler = args.sampler or card.get("sampler", "dpmpp_2m")
-    guidance = args.guidance if args.guidance is not None else float(card.get("guidance", 7.5))
-
-    t_load = time.perf_counter()
     manifest = read_manifest(folder)
     if args.backend == "onnxruntime":
         if manifest is None or manifest.get("format") != "onnx":
@@ -236,49 +215,74 @@ def cmd_generate(args) -> int:
             raise PocketdiffError("--vae, --device and the model-level tiling flags apply to the torch backend only")
         from .backends.onnxruntime import load_onnx_pipeline
 
-        pipe = load_onnx_pipeline(folder, manifest)
-    else:
-        if manifest is not None:
-            hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
-                "run it with its own runtime on the device"
-            raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
-        device = _torch_device(args.device)  # checked before the model loads
-        if device.type != "cpu" and args.stream_unet:
-            raise PocketdiffError("--stream-unet reads UNet blocks from disk into CPU memory; drop it or --device")
-        pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
-        pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile,
-                           stream_unet=args.stream_unet)
-        if device.type != "cpu":
-            pipe.to(device)
+        return load_onnx_pipeline(folder, manifest)
+    if manifest is not None:
+        hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
+            "run it with its own runtime on the device"
+        raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
+    device = _torch_device(args.device)  # checked before the model loads
+    if device.type != "cpu" and args.stream_unet:
+        raise PocketdiffError("--stream-unet reads UNet blocks from disk into CPU memory; drop it or --device")
+    pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
+    pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
+    return pipe.to(device) if device.type != "cpu" else pipe
+
+
+def _check_generate_args(args) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise PocketdiffError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise PocketdiffError("--num-images and --batch-size must be >= 1")
+
+
+def cmd_generate(args) -> int:
+    import statistics
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from . import __version__
+    from .models.registry import resolve_model
+
+    prompts = _read_prompts(args)
+    _check_generate_args(args)
+    paths = _output_paths(args.output, prompts, args.num_images, args.seed, args.overwrite)
+    folder = resolve_model(args.model)
+    t_load = time.perf_counter()
+    pipe = _load_generator(args, folder)
     load_s = time.perf_counter() - t_load
     pipe.check_size(args.height, args.width)
+    chosen = pipe.settings(args.steps, args.sampler, args.guidance)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    pipe.runner.plan_calls(steps * len(batches))
-    bar = tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr)
-    text_s, unet_steps, decode_s = 0.0, [], 0.0
-    t0 = time.perf_counter()
-    written = 0
+    pipe.runner.plan_calls(chosen.steps * len(batches))
+    bar = tqdm(total=chosen.steps * len(batches), desc="sampling", unit="step", disable=args.no_progress,
+               file=sys.stderr)
+    text_s, unet_steps, decode_s, t0 = 0.0, [], 0.0, time.perf_counter()
     for batch in batches:
         gens = [torch.Generator().manual_seed(args.seed + k) for k, _ in batch]
-        result = pipe([p for _, p in batch], negative_prompt=args.negative_prompt, steps=steps, sampler=sampler,
-                      guidance=guidance, generator=gens, height=args.height, width=args.width,
-                      timestep_spacing=args.timestep_spacing, callback=lambda _info: bar.update(1))
-        text_s += result.timings.text_encoder
+        result = pipe([p for _, p in batch], negative_prompt=args.negative_prompt, steps=chosen.steps,
+                      sampler=chosen.sampler, guidance=chosen.guidance, generator=gens, height=args.height,
+                      width=args.width, timestep_spacing=args.timestep_spacing, callback=lambda _info: bar.update(1))
+        text_s, decode_s = text_s + result.timings.text_encoder, decode_s + result.timings.decoder
         unet_steps += result.timings.unet_steps
-        decode_s += result.timings.decoder
         for (k, prompt), image in zip(batch, result.images):
-            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k, "steps": steps,
-                    "sampler": sampler, "guidance": guidance, "model": str(args.model), "width": image.width,
-                    "height": image.height, "generator": f"pocketdiff {__version__}"}
+            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k,
+                    "steps": chosen.steps, "sampler": chosen.sampler, "guidance": chosen.guidance,
+                    "model": str(args.model), "width": image.width, "height": image.height,
+                    "generator": f"pocketdiff {__version__}"}
             save_png(image, paths[k], meta)
-            written += 1
     bar.close()
-    total = time.perf_counter() - t0
+    total, written = time.perf_counter() - t0, len(jobs)
     per_step = statistics.median(unet_steps) if unet_steps else 0.0
     print(f"wrote {written} image(s): {paths[0]}{' ...' if written > 1 else ''}")
-    print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step x {steps}"
-          f" x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total {total:.2f} s ({total / written:.3f} s/image)")
+    print(chosen.line())
+    print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step x "
+          f"{chosen.steps} x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total {total:.2f} s "
+          f"({total / written:.3f} s/image)")
     return 0
 
 
@@ -367,6 +371,7 @@ def cmd_bench(args) -> int:
                                         runs=args.runs, warmup=args.warmup)]
     else:
         pipe = Pipeline.from_folder(resolve_model(args.model or "default"))
+        print(pipe.settings().line() + " (the UNet row is one step of this guidance)", file=sys.stderr)
         rows = measure.bench_pipeline(pipe, resolution=args.resolution, batch=args.batch, runs=args.runs,
                                       warmup=args.warmup)
     print(measure.format_table(rows))
@@ -381,9 +386,9 @@ def _add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="Shapes quality: all-correct and per-attribute accuracy on fresh prompts")
     p.add_argument("--model", default="default", help="model folder or shipped model name")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp_2m")
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model card's, else 25)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model card's, else dpmpp_2m)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model card's, else 7.5)")
     p.add_argument("--n", type=int, default=500, help="number of fresh prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
@@ -402,22 +407,24 @@ def cmd_eval(args) -> int:
     from .models.registry import resolve_model
     from .pipeline import Pipeline
 
-    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+    if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise PocketdiffError("--n, --steps and --batch-size must be >= 1")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
     _check_json_out(args.json, args.overwrite)
     from .eval.clip import load_domain_clip
 
     clip = load_domain_clip(args.clip)
     pipe = Pipeline.from_folder(resolve_model(args.model), vae=args.vae)
-    r = evaluate(pipe, n=args.n, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+    chosen = pipe.settings(args.steps, args.sampler, args.guidance)
+    r = evaluate(pipe, n=args.n, steps=chosen.steps, sampler=chosen.sampler, guidance=chosen.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=not args.no_progress, clip=clip)
     r["model"] = str(args.model)
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=2))
     print(MARKDOWN_HEADER)
     print(markdown_row(str(args.model), r))
+    print(chosen.line())
     return 0
 
 

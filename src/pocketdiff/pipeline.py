@@ -23,6 +23,7 @@ from . import folder as folder_io
 from .denoiser import Conditioning, Denoiser, UNetRunner, guidance_scale_embedding
 from .errors import PocketdiffError, PromptTruncatedWarning
 from .sampling import SAMPLERS
+from .models.registry import SamplingSettings, sampling_settings
 from .schedule import NoiseSchedule, default_spacing, lcm_boundary, timestep_grid
 
 
@@ -51,6 +52,7 @@ class GenerationResult:
     prompts: list[str]
     seeds: list[int | None]
     timings: Timings
+    settings: SamplingSettings | None = None  # the steps, sampler and guidance used, and where each came from
 
 
 def _check_finite(name: str, value: float) -> float:
@@ -74,6 +76,7 @@ class Pipeline:
         self.denoiser = Denoiser(self.runner, self.schedule)
         self.name = name or "pipeline"
         self.source: Path | None = None  # the folder it was loaded from, if any
+        self.defaults: dict = {}  # the model card's sampling defaults (steps, sampler, guidance), if any
         self.vae_tile: int | None = None  # latent pixels per VAE decoding tile (None: untiled)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -84,6 +87,7 @@ class Pipeline:
         """Load a model folder; ``vae``: a VAE folder, or a shipped VAE component by name (e.g.
         ``shapes-vae-pruned``), used instead of the folder's own."""
         from .models.components import shipped_components
+        from .models.registry import model_card
 
         parts = folder_io.load_components(path, trust_pickle=trust_pickle)
         if vae is not None:
@@ -96,7 +100,13 @@ class Pipeline:
         pipe = cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
                    runner=runner, name=Path(path).name)
         pipe.source = Path(path)
+        pipe.defaults = model_card(Path(path)).get("defaults", {})
         return pipe
+
+    def settings(self, steps: int | None = None, sampler: str | None = None,
+                 guidance: float | None = None) -> SamplingSettings:
+        """What a call samples with: each value given, else the model card's default, else the fallback."""
+        return sampling_settings(self.defaults, steps, sampler, guidance)
 
     def enable_tiling(self, *, attention_chunk: int | None = None, vae_tile: int | None = None,
                       stream_unet: bool = False, unet_weights: str | Path | None = None) -> "Pipeline":
@@ -271,12 +281,17 @@ class Pipeline:
         return spec.fn(self.denoiser, x, sigmas, extra_args={"cond": cond}, callback=on_step, **kwargs)
 
     def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 steps: int = 25, sampler: str = "dpmpp_2m", guidance: float = 7.5, seed: int | None = 0,
+                 steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                 seed: int | None = 0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, timestep_spacing: str | None = None,
                  output_type: str = "pil", callback=None) -> GenerationResult:
+        """Generate one image per prompt (times ``num_images_per_prompt``). ``steps``, ``sampler`` and ``guidance``
+        default to the model card's (:meth:`settings`)."""
         t_start = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        chosen = self.settings(steps, sampler, guidance)
+        steps, sampler, guidance = chosen.steps, chosen.sampler, chosen.guidance
         guidance, height, width, sigmas, init_sigma = self._check_call(
             prompts, steps, sampler, guidance, height, width, timestep_spacing, num_images_per_prompt)
         timings = Timings()
@@ -302,7 +317,7 @@ class Pipeline:
             timings.decoder = time.perf_counter() - t0
             images = to_pil(pixels)
         timings.total = time.perf_counter() - t_start
-        return GenerationResult(images, latents, prompts, seeds, timings)
+        return GenerationResult(images, latents, prompts, seeds, timings, chosen)
 
 
 def decoder_input(latents: torch.Tensor, vae_config) -> torch.Tensor:

@@ -200,32 +200,46 @@ def tiled_decode(vae, z: torch.Tensor, tile: int = 32, overlap: int = 8, halo: i
     with _patched_norms(norms, ctl):
         _tail(dec, F.avg_pool2d(h, stats_downsample) if stats_downsample > 1 else h, untiled_blocks)
         for _ in range(refine if stats_downsample > 1 else 0):
-            ctl.update(mode="accumulate", acc={})
-            for r, i0 in enumerate(rows):
-                for c, j0 in enumerate(cols):
-                    a0, a1, b0, b1 = _crop(i0, j0, tile, halo, H, W)
-                    own_i1 = rows[r + 1] if r + 1 < len(rows) else H
-                    own_j1 = cols[c + 1] if c + 1 < len(cols) else W
-                    ctl["owned"] = (i0 - a0, own_i1 - a0, j0 - b0, own_j1 - b0, b1 - b0)
-                    _tail(dec, h[..., a0:a1, b0:b1], untiled_blocks)
-            ctl["stats"] = {k: _mean_var(*v) for k, v in ctl["acc"].items()}
+            _refine_stats(dec, h, ctl, rows, cols, tile, halo, untiled_blocks)
         ctl["mode"] = "fixed"
-        out = weight = None
-        for i0 in rows:
-            i1 = min(i0 + tile, H)
-            for j0 in cols:
-                j1 = min(j0 + tile, W)
-                a0, a1, b0, b1 = _crop(i0, j0, tile, halo, H, W)
-                o = _tail(dec, h[..., a0:a1, b0:b1], untiled_blocks)
-                f = o.shape[-1] // (b1 - b0)  # output pixels per latent pixel
-                if out is None:
-                    out = torch.zeros(*o.shape[:2], H * f, W * f, dtype=o.dtype)
-                    weight = torch.zeros(H * f, W * f, dtype=o.dtype)
-                o = o[..., (i0 - a0) * f:(i1 - a0) * f, (j0 - b0) * f:(j1 - b0) * f]
-                w = _ramp((i1 - i0) * f, overlap * f, i0 > 0, i1 < H)[:, None] \
-                    * _ramp((j1 - j0) * f, overlap * f, j0 > 0, j1 < W)[None, :]
-                out[..., i0 * f:i1 * f, j0 * f:j1 * f] += o * w
-                weight[i0 * f:i1 * f, j0 * f:j1 * f] += w
+        return _blend_tiles(dec, h, rows, cols, tile, overlap, halo, untiled_blocks)
+
+
+def _refine_stats(dec, h: torch.Tensor, ctl: dict, rows: list[int], cols: list[int], tile: int, halo: int,
+                  untiled_blocks: int) -> None:
+    """Re-measure every patched GroupNorm's statistics over the tiles, each adding the region it owns."""
+    H, W = h.shape[-2:]
+    ctl.update(mode="accumulate", acc={})
+    for r, i0 in enumerate(rows):
+        for c, j0 in enumerate(cols):
+            a0, a1, b0, b1 = _crop(i0, j0, tile, halo, H, W)
+            own_i1 = rows[r + 1] if r + 1 < len(rows) else H
+            own_j1 = cols[c + 1] if c + 1 < len(cols) else W
+            ctl["owned"] = (i0 - a0, own_i1 - a0, j0 - b0, own_j1 - b0, b1 - b0)
+            _tail(dec, h[..., a0:a1, b0:b1], untiled_blocks)
+    ctl["stats"] = {k: _mean_var(*v) for k, v in ctl["acc"].items()}
+
+
+def _blend_tiles(dec, h: torch.Tensor, rows: list[int], cols: list[int], tile: int, overlap: int, halo: int,
+                 untiled_blocks: int) -> torch.Tensor:
+    """Decode each tile (with its halo, cut away after) and blend the tiles linearly across their overlap."""
+    H, W = h.shape[-2:]
+    out = weight = None
+    for i0 in rows:
+        i1 = min(i0 + tile, H)
+        for j0 in cols:
+            j1 = min(j0 + tile, W)
+            a0, a1, b0, b1 = _crop(i0, j0, tile, halo, H, W)
+            o = _tail(dec, h[..., a0:a1, b0:b1], untiled_blocks)
+            f = o.shape[-1] // (b1 - b0)  # output pixels per latent pixel
+            if out is None:
+                out = torch.zeros(*o.shape[:2], H * f, W * f, dtype=o.dtype)
+                weight = torch.zeros(H * f, W * f, dtype=o.dtype)
+            o = o[..., (i0 - a0) * f:(i1 - a0) * f, (j0 - b0) * f:(j1 - b0) * f]
+            w = _ramp((i1 - i0) * f, overlap * f, i0 > 0, i1 < H)[:, None] \
+                * _ramp((j1 - j0) * f, overlap * f, j0 > 0, j1 < W)[None, :]
+            out[..., i0 * f:i1 * f, j0 * f:j1 * f] += o * w
+            weight[i0 * f:i1 * f, j0 * f:j1 * f] += w
     return out / weight
 
 

@@ -72,4 +72,7 @@ def load_onnx_pipeline(folder: str | Path, manifest: dict, threads: int | None =
                     load_tokenizer(folder / "tokenizer"), read_json(folder / "scheduler" / "scheduler_config.json"),
                     runner="eager", name=folder.name)
     pipe.source = folder
+    from ..models.registry import model_card
+
+    pipe.defaults = model_card(folder).get("defaults", {})  # exports carry the source's card
     return pipe

@@ -245,12 +245,13 @@ def bench_pipeline(pipe, *, resolution: int | None = None, batch: int = 1, runs:
                    cfg: bool | None = None) -> list[dict]:
     """Rows for a pipeline's text encoder (one call of B prompts), UNet (one step) and VAE decoder.
 
-    ``cfg`` defaults to what the pipeline does at guidance != 1: a batch of 2B for a plain UNet, B for one
-    with a guidance embedding (``time_cond_proj_dim``, LCM-style).
+    ``cfg`` defaults to what the pipeline does at its default guidance (the model card's, :meth:`Pipeline.settings`):
+    a batch of 2B for a plain UNet at guidance != 1, B at guidance 1 or for a UNet with a guidance embedding
+    (``time_cond_proj_dim``, LCM-style).
     """
     resolution = resolution or pipe.default_size
     if cfg is None:
-        cfg = not getattr(pipe.unet.config, "time_cond_proj_dim", None)
+        cfg = pipe.settings().guidance != 1.0 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
     seq_len = int(pipe.tokenizer.model_max_length)
     common = dict(resolution=resolution, batch=batch, runs=runs, warmup=warmup, latent_factor=pipe.vae_scale_factor,
                   seq_len=seq_len)

@@ -22,7 +22,8 @@ MAX_ABS, MIN_PSNR = 1e-3, 60.0
 
 def _require():
     if importlib.util.find_spec("coremltools") is None:
-        raise PocketdiffError("Core ML export needs coremltools: pip install 'pocketdiff[coreml]'")
+        raise PocketdiffError("Core ML export needs coremltools: pip install coremltools "
+                              "(from a pocketdiff clone: pip install -e '.[coreml]')")
 
 
 def _convert(ct, spec, inputs, target):

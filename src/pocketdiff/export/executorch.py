@@ -17,7 +17,8 @@ MAX_ABS, MIN_PSNR = 1e-3, 60.0
 
 def _require():
     if importlib.util.find_spec("executorch") is None:
-        raise PocketdiffError("ExecuTorch export needs executorch: pip install 'pocketdiff[executorch]'")
+        raise PocketdiffError("ExecuTorch export needs executorch: pip install executorch "
+                              "(from a pocketdiff clone: pip install -e '.[executorch]')")
 
 
 def load_method(path: str | Path):

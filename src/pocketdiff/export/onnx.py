@@ -19,12 +19,14 @@ def _require():
 
     for module in ("onnx", "onnxruntime", "onnxscript"):
         if importlib.util.find_spec(module) is None:
-            raise PocketdiffError(f"ONNX export needs {module}: pip install 'pocketdiff[onnx]'")
+            raise PocketdiffError(f"ONNX export needs {module}: pip install onnx onnxruntime onnxscript "
+                                  "(from a pocketdiff clone: pip install -e '.[onnx]')")
 
 
 def session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # offline means offline: no telemetry from any session pocketdiff opens
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

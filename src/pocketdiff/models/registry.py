@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PocketdiffError
@@ -54,3 +55,40 @@ def resolve_model(name_or_path: str | Path) -> Path:
     names = ", ".join(models) or "none"
     raise PocketdiffError(f"{name_or_path}: no such model folder or shipped model (shipped: {names}); "
                           "pass a local diffusers folder")
+
+
+# What sampling falls back to when neither the caller nor the model card says: diffusers' SD pipeline defaults
+# (its 50 steps aside: DPM-Solver++ needs fewer).
+FALLBACK_SAMPLING = {"steps": 25, "sampler": "dpmpp_2m", "guidance": 7.5}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Steps, sampler and guidance of a generation, and where each came from ("given", "card" or "fallback")."""
+
+    steps: int
+    sampler: str
+    guidance: float
+    source: dict
+
+    def line(self) -> str:
+        return (f"sampling: {self.steps} steps ({self.source['steps']}), {self.sampler} ({self.source['sampler']}), "
+                f"guidance {self.guidance:g} ({self.source['guidance']})")
+
+
+def sampling_settings(card_defaults: dict | None, steps: int | None = None, sampler: str | None = None,
+                      guidance: float | None = None) -> SamplingSettings:
+    """The settings to sample with: each one given, else the model card's ``defaults``, else
+    :data:`FALLBACK_SAMPLING`. Every command that samples (generate, eval, bench, the Python API) uses this."""
+    card = card_defaults or {}
+    given = {"steps": steps, "sampler": sampler, "guidance": guidance}
+    kind = {"steps": int, "sampler": str, "guidance": float}
+    values, source = {}, {}
+    for key, value in given.items():
+        if value is not None:  # the caller's value as given (the pipeline checks it)
+            values[key], source[key] = value, "given"
+        elif card.get(key) is not None:
+            values[key], source[key] = kind[key](card[key]), "card"
+        else:
+            values[key], source[key] = FALLBACK_SAMPLING[key], "fallback"
+    return SamplingSettings(values["steps"], values["sampler"], values["guidance"], source)

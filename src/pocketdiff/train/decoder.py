@@ -120,12 +120,11 @@ def prune_vae(teacher, width: float, channels: list[int] | None = None):
 
 def generator_settings(folder: Path, recipe: DecoderRecipe) -> dict:
     """steps / sampler / guidance for the generated latents: the recipe's, else the folder card's defaults."""
-    from ..models.registry import model_card
+    from ..models.registry import model_card, sampling_settings
 
-    card = model_card(folder).get("defaults", {})
-    return {"steps": recipe.generator_steps or int(card.get("steps", 8)),
-            "sampler": recipe.generator_sampler or card.get("sampler", "dpmpp_2m"),
-            "guidance": recipe.generator_guidance or float(card.get("guidance", 3.0))}
+    chosen = sampling_settings(model_card(folder).get("defaults", {}), recipe.generator_steps or None,
+                               recipe.generator_sampler or None, recipe.generator_guidance or None)
+    return {"steps": chosen.steps, "sampler": chosen.sampler, "guidance": chosen.guidance}
 
 
 @torch.no_grad()

@@ -319,22 +319,62 @@ class Trainer:
         flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def run(self, resume: bool = True) -> int:
-        """Train to ``cfg.steps`` (from the last checkpoint if ``resume``); returns the step reached.
-
-        ``max_minutes`` ends the run early and normally (the caller exports what it has). Ctrl-C or SIGTERM
-        save a checkpoint and re-raise KeyboardInterrupt, so no unfinished model is exported.
-        """
+    def _start(self, resume: bool) -> None:
+        """Resume from the last checkpoint, or forget a best kept by an earlier run in this folder."""
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.load_checkpoint():
             print(f"resumed from {self.ckpt_dir} at step {self.step}", flush=True)
         elif self.accelerator.is_main_process:  # a fresh run: a best kept by an earlier run is not ours
             for d in (self.best_dir, self.out / "best.old"):
                 shutil.rmtree(d, ignore_errors=True)
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step (then EMA and ``after_step``); returns the loss and the recipe's terms."""
+        cfg, acc = self.cfg, self.accelerator
+        # each process draws its own batch; a pure function of (step, rank) keeps resume exact
+        batch = to_device(self.batches(self.step * acc.num_processes + acc.process_index), acc.device)
+        with acc.accumulate(self.model):
+            loss, terms = self.model(batch, self.step)
+            acc.backward(loss)
+            if cfg.grad_clip > 0 and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model, self.step)
+        if self.after_step is not None:
+            self.after_step(self.step, self.raw_model)
+        self.step += 1
+        return {"loss": float(loss.detach()), **terms}
+
+    def _after_step(self, sums: dict, n: int, start: float, last_monitor: float, bar) -> tuple[dict, int, float]:
+        """Log every ``log_every`` steps, checkpoint every ``checkpoint_every``, check every ``monitor_every_s``;
+        returns the (possibly reset) running sums, their count and the time of the last check."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            avg = {k: v / n for k, v in sums.items()}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
+            self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                       "elapsed_s": round(time.time() - start, 1), **avg})
+            sums, n = {}, 0
+        if self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.monitor is not None and cfg.monitor_every_s > 0 and time.time() - last_monitor > cfg.monitor_every_s:
+            self._run_monitor()
+            last_monitor = time.time()
+        return sums, n, last_monitor
+
+    def run(self, resume: bool = True) -> int:
+        """Train to ``cfg.steps`` (from the last checkpoint if ``resume``); returns the step reached.
+
+        ``max_minutes`` ends the run early and normally (the caller exports what it has). Ctrl-C or SIGTERM
+        save a checkpoint and re-raise KeyboardInterrupt, so no unfinished model is exported.
+        """
+        self._start(resume)
         prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
-        start = time.time()
-        last_monitor = time.time()
+        start = last_monitor = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.out.name, unit="step",
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         sums: dict[str, float] = {}
@@ -343,37 +383,11 @@ class Trainer:
         interrupted = False
         try:
             while self.step < cfg.steps:
-                # each process draws its own batch; a pure function of (step, rank) keeps resume exact
-                acc = self.accelerator
-                batch = to_device(self.batches(self.step * acc.num_processes + acc.process_index), acc.device)
-                with self.accelerator.accumulate(self.model):
-                    loss, terms = self.model(batch, self.step)
-                    self.accelerator.backward(loss)
-                    if cfg.grad_clip > 0 and self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.raw_model, self.step)
-                if self.after_step is not None:
-                    self.after_step(self.step, self.raw_model)
-                self.step += 1
-                n += 1
-                for k, v in {"loss": float(loss.detach()), **terms}.items():
+                for k, v in self._train_step().items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    avg = {k: v / n for k, v in sums.items()}
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
-                    self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                               "elapsed_s": round(time.time() - start, 1), **avg})
-                    sums, n = {}, 0
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.monitor is not None and cfg.monitor_every_s > 0 and time.time() - last_monitor > cfg.monitor_every_s:
-                    self._run_monitor()
-                    last_monitor = time.time()
+                sums, n, last_monitor = self._after_step(sums, n, start, last_monitor, bar)
                 if self._should_stop(start):
                     interrupted = self._stop
                     reason = "stop requested" if interrupted else f"max_minutes={cfg.max_minutes} reached"
