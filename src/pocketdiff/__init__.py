@@ -2,9 +2,11 @@
 
 import os as _os
 
-# Never reach a model hub, even by accident: every model loads from a local folder.
+# Never reach a model hub, even by accident: every model loads from a local folder. ORT_DISABLE_TELEMETRY is
+# read when onnxruntime is imported (setting it later, or disable_telemetry_events(), leaves the DNS lookups for
+# its telemetry host that torch.onnx's export optimizer triggered: tests/test_offline.py traces them).
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
-           "DISABLE_TELEMETRY"):
+           "DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY"):
     _os.environ.setdefault(_k, "1")
 
 __version__ = "0.1.0"

@@ -23,10 +23,17 @@ def _require():
                                   "(from a pocketdiff clone: pip install -e '.[onnx]')")
 
 
-def session(path: str | Path, threads: int | None = None):
+def onnxruntime_offline():
+    """onnxruntime with its telemetry events off (``ORT_DISABLE_TELEMETRY``, which onnxruntime reads at import, is
+    set by ``import pocketdiff``; this covers an onnxruntime imported before pocketdiff as far as its API allows)."""
     import onnxruntime as ort
 
-    ort.disable_telemetry_events()  # offline means offline: no telemetry from any session pocketdiff opens
+    ort.disable_telemetry_events()
+    return ort
+
+
+def session(path: str | Path, threads: int | None = None):
+    ort = onnxruntime_offline()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -44,6 +51,7 @@ def run_session(sess, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def export_onnx(parts: dict, out: Path, opset: int = 18, check: bool = True) -> dict:
     _require()
+    onnxruntime_offline()
     if opset not in SUPPORTED_OPSETS:
         raise PocketdiffError(f"ONNX opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-"
                               f"{SUPPORTED_OPSETS.stop - 1} (the dynamo exporter needs 18 or newer)")
@@ -71,6 +79,7 @@ def quantize_dynamic_matmul(src: str | Path, dest: str | Path) -> Path:
     """onnxruntime's dynamic int8 quantization of MatMul nodes only (weights int8 per tensor, activations
     quantized per call). Convolutions stay fp32: int8 convolutions made a BK-SDM-Tiny UNet step 1.8x
     slower than torch on this CPU (measured when the export issue was filed)."""
+    onnxruntime_offline()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dest), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
