@@ -170,13 +170,10 @@ def save_png(image, path: Path, meta: dict) -> None:
     for k, v in meta.items():
         info.add_text(k, "" if v is None else str(v))
     info.add_text("parameters", json.dumps(meta))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    from .files import atomic_file
+
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _torch_device(name: str):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ModelFolderError
+from .files import atomic_folder, save_tensors  # noqa: F401 (atomic_folder: part of this module's API)
 from .text.tokenizer import save_tokenizer
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -233,35 +231,6 @@ def load_components(folder: str | os.PathLike, trust_pickle: bool = False) -> di
     }
 
 
-@contextmanager
-def atomic_folder(dest: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` in one rename."""
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise ModelFolderError(f"{dest}: exists and is a file, not a folder; choose another path")
-    if dest.exists() and not overwrite and any(dest.iterdir()):
-        raise ModelFolderError(f"{dest}: already exists; choose another path or pass --overwrite")
-    if not dest.parent.exists():
-        raise ModelFolderError(f"{dest.parent}: folder does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    old = dest.with_name(f".{dest.name}.old")
-    moved = False
-    try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            moved = True
-        tmp.rename(dest)
-        if moved:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved and not dest.exists():
-            old.rename(dest)  # put the user's folder back
-        raise
-
-
 def save_components(dest: str | os.PathLike, unet, vae, text_encoder, tokenizer, scheduler_config: dict,
                     overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write a folder that diffusers' ``StableDiffusionPipeline.from_pretrained`` loads (safetensors)."""
@@ -301,7 +270,7 @@ def store_half(folder: str | os.PathLike, components: tuple[str, ...] = ("unet",
     back to the model's float32 on load, so only fp16 rounding of the weights (~5e-4 relative) changes.
     Returns ``{component: (bytes before, bytes after)}``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = {}
     for comp in components:
@@ -315,8 +284,6 @@ def store_half(folder: str | os.PathLike, components: tuple[str, ...] = ("unet",
             raise ModelFolderError(f"{path}: {bad[0]} does not fit in float16; keep this component in float32")
         half = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
         before = path.stat().st_size
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(half, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
+        save_tensors(half, path, metadata={"format": "pt"})
         out[comp] = (before, path.stat().st_size)
     return out

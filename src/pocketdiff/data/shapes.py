@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -432,9 +430,10 @@ def write_dataset(
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
+    from ..files import atomic_folder
+
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, overwrite=True) as tmp:  # out_dir is absent or empty (checked above)
         width = max(6, len(str(n - 1)))
         image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
@@ -443,10 +442,4 @@ def write_dataset(
                 name = f"{i:0{width}d}.png"
                 Image.fromarray(render_into(image, scene)).save(tmp / name)
                 meta.write(json.dumps({"file_name": name, "text": caption(scene)}) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

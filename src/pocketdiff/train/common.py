@@ -121,7 +121,9 @@ def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[s
     With several processes the main one encodes and writes first; the others then read its file.
     """
     from accelerate import PartialState
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from ..files import save_tensors, write_text
 
     key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
     pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
@@ -131,10 +133,9 @@ def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[s
             if meta.get("key") == key:
                 return load_file(str(pool_file))["latents"], meta["captions"]
         latents, captions = encode_pool(vae, n, seed)
-        if PartialState().is_main_process:
-            save_file({"latents": latents.contiguous()}, str(out / "latent_pool.tmp"))
-            meta_file.write_text(json.dumps({"key": key, "captions": captions}))
-            (out / "latent_pool.tmp").rename(pool_file)
+        if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
+            save_tensors({"latents": latents}, pool_file)
+            write_text(meta_file, json.dumps({"key": key, "captions": captions}))
     return latents, captions
 
 

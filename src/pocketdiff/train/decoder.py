@@ -148,8 +148,9 @@ def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -
 def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
     """:func:`generate_latents` by ``pipe`` (``folder`` loaded), written atomically to ``out`` and reused for the
     same UNet weights and settings."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from ..files import save_tensors, write_text
     from .common import weights_digest
 
     settings = generator_settings(folder, recipe)
@@ -158,9 +159,8 @@ def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed:
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
         return load_file(str(path))["latents"]
     latents = generate_latents(pipe, recipe.n_generated, settings, seed)
-    save_file({"latents": latents.contiguous()}, str(out / "generated_latents.tmp"))
-    (out / "generated_latents.tmp").rename(path)
-    meta.write_text(json.dumps({"key": key}))
+    save_tensors({"latents": latents}, path)
+    write_text(meta, json.dumps({"key": key}))
     return latents
 
 

@@ -118,10 +118,11 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
     (each chunk written atomically, so an interrupted generation resumes at its first missing chunk). The
     teacher runs on the GPU when there is one (all of a chunk in one batch), else on the CPU 25 at a time."""
     import numpy as np
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     from ..data.shapes import caption, sample_scene
+    from ..files import save_tensors
     from ..pipeline import Pipeline
 
     grid = student_grid(schedule, recipe.student_steps)
@@ -150,9 +151,7 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
                 caps = captions[i:min(i + per_call, c0 + chunk)]
                 seeds = [seed + i + j for j in range(len(caps))]
                 xs.append(teacher_trajectories(pipe, caps, seeds, grid, recipe.teacher_substeps, recipe.guidance))
-            tmp = path.with_suffix(".tmp")
-            save_file({"x": torch.cat(xs).contiguous()}, str(tmp))
-            tmp.rename(path)
+            save_tensors({"x": torch.cat(xs)}, path)
         parts.append(load_file(str(path))["x"])
     return torch.cat(parts), captions
 
