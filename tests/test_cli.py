@@ -138,18 +138,48 @@ BAD = {
     "unknown-model": ["--model", "{tmp}/no-such-model"],
     "attention-chunk-0": ["--attention-chunk", 0],
     "vae-tile-not-multiple": ["--vae-tile", 12],
+    "seed-too-large": ["--seed", 99999999999999999999],
+    "seed-negative": ["--seed", -1],
+    "size-beyond-memory": ["--height", 100000, "--width", 100000],
+    "unsupported-extension": ["-o", "{tmp}/x.gif"],
+    "output-png-is-a-folder": ["-o", "{tmp}/folder.png", "--overwrite"],
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_generate_user_errors(case, tiny_folder, out, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "folder.png").mkdir()
     extra = [str(a).format(tmp=tmp_path) for a in (BAD[case] or [])]
     argv = _generate(tiny_folder, *([] if BAD[case] is None else [PROMPT]), "-o", out, *extra)
     before = _files(tmp_path)
     code, stdout, err = _run(argv, capsys)
     _assert_one_line_error(code, err)
     assert _files(tmp_path) == before, "nothing written"
+
+
+def test_trailing_slash_creates_the_output_folder(tiny_folder, tmp_path, capsys):
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", f"{tmp_path}/new/images/"), capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "new" / "images").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("suffix,read", [(".jpg", lambda im: im.info["comment"].decode()),
+                                         (".webp", lambda im: im.getexif()[270])])
+def test_jpeg_and_webp_outputs_carry_the_parameters(suffix, read, tiny_folder, out, capsys):
+    target = out / f"x{suffix}"
+    code, _, err = _run(_generate(tiny_folder, PROMPT, "-o", target, "--seed", 5), capsys)
+    assert code == 0, err
+    with Image.open(target) as im:
+        assert im.format == {".jpg": "JPEG", ".webp": "WEBP"}[suffix]
+        meta = json.loads(read(im))
+    assert meta["prompt"] == PROMPT and meta["seed"] == 5
+
+
+def test_long_prompt_warning_shows_a_few_words_and_the_count(tiny_folder, out, capsys):
+    code, _, err = _run(_generate(tiny_folder, " ".join(["red"] * 14 + ["heart"] * 300), "-o", out), capsys)
+    assert code == 0 and len(err.strip().splitlines()) == 1
+    assert "(300 words)" in err and len(err) < 200, err
 
 
 def test_existing_output_is_not_overwritten(tiny_folder, out, capsys):

@@ -139,41 +139,71 @@ def _slug(text: str, n: int = 40) -> str:
     return s[:n].rstrip("-") or "unconditional"
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MAX_SEED = 2**63 - 1  # torch's and numpy's generators take seeds up to this
+
+
+def _check_seed(seed: int, total: int) -> None:
+    if seed < 0 or seed + total - 1 > MAX_SEED:
+        raise PocketdiffError(f"--seed must be between 0 and {MAX_SEED - total + 1} (image k uses seed + k), got {seed}")
+
+
 def _output_paths(output: str, prompts: list[str], num_images: int, seed: int, overwrite: bool) -> list[Path]:
-    """One PNG path per image; checked before any work so no run is wasted or file lost."""
+    """One image path per image; checked before any work so no run is wasted or file lost.
+
+    ``-o`` is an image path (.png, .jpg/.jpeg, .webp; several images get -000, -001, ... suffixes) or a folder
+    of PNGs; a trailing slash names a folder to create."""
     out = Path(output)
     total = len(prompts) * num_images
-    if out.suffix.lower() == ".png":
+    _check_seed(seed, total)
+    folder = str(output).endswith(("/", os.sep))
+    if out.suffix and not folder and out.suffix.lower() not in IMAGE_FORMATS and not out.is_dir():
+        raise PocketdiffError(f"{out}: {out.suffix} images are not supported; use .png, .jpg or .webp, or a folder")
+    if out.suffix.lower() in IMAGE_FORMATS and not folder:
         if not out.parent.exists():
-            raise PocketdiffError(f"{out.parent}: output folder does not exist; create it or choose another -o")
-        paths = [out] if total == 1 else [out.with_name(f"{out.stem}-{k:03d}.png") for k in range(total)]
+            raise PocketdiffError(f"{out.parent}: output folder does not exist; create it, or end -o with / to "
+                                  "have it created")
+        paths = [out] if total == 1 else [out.with_name(f"{out.stem}-{k:03d}{out.suffix}") for k in range(total)]
     else:
         if out.exists() and not out.is_dir():
-            raise PocketdiffError(f"{out}: exists and is not a folder; give -o a .png path or a folder")
+            raise PocketdiffError(f"{out}: exists and is not a folder; give -o an image path or a folder")
+        if not out.exists() and folder:
+            out.mkdir(parents=True)
         if not out.exists():
-            raise PocketdiffError(f"{out}: output folder does not exist; create it or choose another -o")
-        paths = []
-        for k in range(total):
-            prompt = prompts[k // num_images]
-            paths.append(out / f"{k:03d}-{_slug(prompt)}-s{seed + k}.png")
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise PocketdiffError(f"{existing[0]}: already exists; pass --overwrite or choose another -o")
+            raise PocketdiffError(f"{out}: output folder does not exist; create it, or end -o with / to have it "
+                                  "created")
+        paths = [out / f"{k:03d}-{_slug(prompts[k // num_images])}-s{seed + k}.png" for k in range(total)]
+    for p in paths:
+        if p.is_dir():
+            raise PocketdiffError(f"{p}: is a folder; choose another -o")
+        if p.exists() and not overwrite:
+            raise PocketdiffError(f"{p}: already exists; pass --overwrite or choose another -o")
     return paths
 
 
-def save_png(image, path: Path, meta: dict) -> None:
-    """Write atomically (temp file + rename) with generation parameters as PNG text chunks."""
-    from PIL import PngImagePlugin
+def save_image(image, path: Path, meta: dict) -> None:
+    """Write atomically (temp file + rename) in the format of the path's extension, with the generation parameters:
+    PNG text chunks (one per field, plus all of them as JSON in "parameters"), the JPEG comment, WebP's EXIF
+    ImageDescription."""
+    from PIL import Image, PngImagePlugin
 
-    info = PngImagePlugin.PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, "" if v is None else str(v))
-    info.add_text("parameters", json.dumps(meta))
     from .files import atomic_file
 
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    params = json.dumps(meta)
     with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        if fmt == "PNG":
+            info = PngImagePlugin.PngInfo()
+            for k, v in meta.items():
+                info.add_text(k, "" if v is None else str(v))
+            info.add_text("parameters", params)
+            image.save(tmp, format="PNG", pnginfo=info)
+        elif fmt == "JPEG":
+            image.save(tmp, format="JPEG", quality=95, comment=params.encode())
+        else:
+            exif = Image.Exif()
+            exif[270] = params  # ImageDescription
+            image.save(tmp, format="WEBP", quality=95, exif=exif.tobytes())
 
 
 def _torch_device(name: str):
@@ -251,7 +281,8 @@ def cmd_generate(args) -> int:
     t_load = time.perf_counter()
     pipe = _load_generator(args, folder)
     load_s = time.perf_counter() - t_load
-    pipe.check_size(args.height, args.width)
+    height, width = pipe.check_size(args.height, args.width)
+    pipe.check_memory(height, width, min(args.batch_size, len(prompts) * args.num_images))
     chosen = pipe.settings(args.steps, args.sampler, args.guidance)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
@@ -271,15 +302,16 @@ def cmd_generate(args) -> int:
                     "steps": chosen.steps, "sampler": chosen.sampler, "guidance": chosen.guidance,
                     "model": str(args.model), "width": image.width, "height": image.height,
                     "generator": f"pocketdiff {__version__}"}
-            save_png(image, paths[k], meta)
+            save_image(image, paths[k], meta)
     bar.close()
     total, written = time.perf_counter() - t0, len(jobs)
     per_step = statistics.median(unet_steps) if unet_steps else 0.0
     print(f"wrote {written} image(s): {paths[0]}{' ...' if written > 1 else ''}")
     print(chosen.line())
-    print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step x "
-          f"{chosen.steps} x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total {total:.2f} s "
-          f"({total / written:.3f} s/image)")
+    slowest = max(unet_steps) if unet_steps else 0.0  # a stall (a busy CPU) shows here, not in the median
+    print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step (slowest "
+          f"{slowest * 1000:.1f}) x {chosen.steps} x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total "
+          f"{total:.2f} s ({total / written:.3f} s/image)")
     return 0
 
 
@@ -333,6 +365,27 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _check_bench_memory(args) -> None:
+    """Refuse a --resolution whose activations cannot fit in memory, before building anything."""
+    from .memory import check_fits, decode_bytes, unet_bytes
+    from .models import presets
+
+    res, batch = args.resolution, args.batch
+    if args.arch:
+        kind = presets.ARCH_PRESETS[args.arch][0]
+        unet_c = presets.SD15_UNET["block_out_channels"][0] if kind == "unet" else 0
+        vae_c = presets.SD15_VAE["block_out_channels"][0] if kind == "vae" else 0
+    else:  # the folder's own first-stage widths, from its configs (nothing loaded)
+        from .folder import read_json
+        from .models.registry import resolve_model
+
+        folder = resolve_model(args.model or "default")
+        unet_c = read_json(folder / "unet" / "config.json")["block_out_channels"][0]
+        vae_c = read_json(folder / "vae" / "config.json")["block_out_channels"][0]
+    needed = max(unet_bytes(int(unet_c), res // 8, res // 8, 2 * batch), decode_bytes(int(vae_c), res, res, batch))
+    check_fits(needed, f"a {res} px benchmark", "lower --resolution or --batch")
+
+
 def cmd_bench(args) -> int:
     from .bench import measure
     from .models import presets
@@ -344,6 +397,8 @@ def cmd_bench(args) -> int:
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         raise PocketdiffError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     _check_json_out(args.json, args.overwrite)
+    if args.resolution is not None:
+        _check_bench_memory(args)
     if args.per_block:
         from .bench.blocks import blocks_markdown, per_block_latency
 

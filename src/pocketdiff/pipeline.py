@@ -40,9 +40,14 @@ class Timings:
     def unet_per_step(self) -> float:
         return statistics.median(self.unet_steps) if self.unet_steps else 0.0
 
+    @property
+    def slowest_step(self) -> float:
+        return max(self.unet_steps) if self.unet_steps else 0.0
+
     def line(self) -> str:
-        return (f"text encoder {self.text_encoder:.3f} s | UNet {self.unet_per_step:.3f} s/step x {len(self.unet_steps)} | "
-                f"decoder {self.decoder:.3f} s | total {self.total:.3f} s")
+        return (f"text encoder {self.text_encoder:.3f} s | UNet {self.unet_per_step:.3f} s/step (slowest "
+                f"{self.slowest_step:.3f}) x {len(self.unet_steps)} | decoder {self.decoder:.3f} s | "
+                f"total {self.total:.3f} s")
 
 
 @dataclass
@@ -184,7 +189,9 @@ class Pipeline:
             for p, ids, n in zip(prompts, full.input_ids, full.attention_mask.sum(-1).tolist()):
                 if n > limit:
                     dropped = self.tokenizer.decode(ids[limit - 1:n - 1])
-                    warnings.warn(f"prompt longer than {limit} tokens was truncated; dropped: {dropped!r}",
+                    words = dropped.split()
+                    shown = " ".join(words[:6]) + (f" ... ({len(words)} words)" if len(words) > 6 else "")
+                    warnings.warn(f"prompt longer than {limit} tokens was truncated; dropped: {shown!r}",
                                   PromptTruncatedWarning, stacklevel=3)
         return self.text_encoder(tok.input_ids.to(_module_device(self.text_encoder)))[0].to(self.device)
 
@@ -229,7 +236,17 @@ class Pipeline:
             raise PocketdiffError(str(e)) from None
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PocketdiffError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        self.check_memory(height, width, len(prompts) * num_images_per_prompt)
         return guidance, height, width, sigmas, init_sigma
+
+    def check_memory(self, height: int, width: int, batch: int) -> None:
+        """Refuse, in one line, a size whose decoding alone needs more memory than the machine has."""
+        from .memory import check_fits, decode_bytes
+
+        channels = int(self.vae.config.block_out_channels[0])
+        needed = decode_bytes(channels, height, width, batch, self.vae_tile, self.vae_scale_factor)
+        check_fits(needed, f"decoding {batch} {height}x{width} image(s)",
+                   "lower --height/--width or --batch-size, or decode in tiles (--vae-tile)")
 
     def conditioning(self, prompts: list[str], negative_prompt, guidance: float, n_prompts: int,
                      per_prompt: int) -> Conditioning:
