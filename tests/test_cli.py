@@ -273,7 +273,22 @@ def test_models_json(capsys):
     rows = {r["name"]: r for r in json.loads(stdout)}
     assert "tiny-random" in rows
     assert (Path(rows["tiny-random"]["path"]) / "model_index.json").is_file()
-    assert sum(r["default"] for r in rows.values()) == 1
+    models = [r for r in rows.values() if r["kind"] == "model"]
+    assert sum(r["default"] for r in models) == 1
+    default = next(r for r in models if r["default"])
+    assert 0 <= default["quality"]["all_correct"] <= 1 and default["defaults"]["steps"] >= 1  # from its card
+    components = {n for n, r in rows.items() if r["kind"] == "component"}
+    assert {"shapes-vae", "shapes-vae-pruned", "shapes-clip"} <= components
+
+
+def test_top_level_help_names_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("generate", "models", "bench", "train", "eval", "quantize", "export", "data"))
+    import pocketdiff.cli
+
+    assert all(c in pocketdiff.cli.__doc__ for c in ("train", "eval", "quantize", "export"))
 
 
 def test_data_shapes(tmp_path, capsys):
