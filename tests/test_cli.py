@@ -182,6 +182,18 @@ def test_long_prompt_warning_shows_a_few_words_and_the_count(tiny_folder, out, c
     assert "(300 words)" in err and len(err) < 200, err
 
 
+def test_a_prompt_outside_the_shapes_grammar_gets_one_warning_with_the_nearest_caption(out, capsys):
+    code, _, err = _run(["generate", "a red star", "--model", "shapes-lcm", "--no-progress", "-o", out], capsys)
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "'a large red star in the center on a white background'" in lines[0]
+
+
+def test_models_without_the_grammar_take_any_prompt_silently(tiny_folder, out, capsys):
+    code, _, err = _run(_generate(tiny_folder, "a red star", "-o", out), capsys)
+    assert code == 0 and "warning" not in err
+
+
 def test_existing_output_is_not_overwritten(tiny_folder, out, capsys):
     target = out / "keep.png"
     target.write_bytes(b"precious")

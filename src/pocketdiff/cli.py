@@ -256,6 +256,20 @@ def _load_generator(args, folder: Path):
     return pipe.to(device) if device.type != "cpu" else pipe
 
 
+def _warn_outside_grammar(folder: Path, prompts: list[str]) -> None:
+    """One warning line per prompt a Shapes model cannot read (its card names the grammar), with the nearest
+    valid caption; other models take any prompt."""
+    from .data.shapes import grammar_warning
+    from .models.registry import model_card
+
+    if model_card(folder).get("prompt_grammar") != "shapes":
+        return
+    for prompt in dict.fromkeys(prompts):
+        message = grammar_warning(prompt)
+        if message:
+            print(f"warning: {message}", file=sys.stderr)
+
+
 def _check_generate_args(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise PocketdiffError(f"--steps must be >= 1, got {args.steps}")
@@ -285,6 +299,7 @@ def cmd_generate(args) -> int:
     height, width = pipe.check_size(args.height, args.width)
     pipe.check_memory(height, width, min(args.batch_size, len(prompts) * args.num_images))
     chosen = pipe.settings(args.steps, args.sampler, args.guidance)
+    _warn_outside_grammar(folder, prompts)
     jobs = [(k, prompts[k // args.num_images]) for k in range(len(prompts) * args.num_images)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     pipe.runner.plan_calls(chosen.steps * len(batches))

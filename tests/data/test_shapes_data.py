@@ -204,3 +204,29 @@ def test_write_dataset_refuses_non_empty_dir_and_accepts_empty_one(tmp_path):
     with pytest.raises(FileExistsError):
         write_dataset(tmp_path / "empty", n=2, progress=False)
     assert len(list((tmp_path / "empty").iterdir())) == 3
+
+
+# ---- prompts outside the grammar ---------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,expected", [
+    ("a red star", "a large red star in the center on a white background"),
+    ("a small blue heart at the top left and a cross on a red background",
+     "a small blue heart at the top left and a large yellow cross in the center on a red background"),
+    ("🚀 to the moon", "a large red star in the center on a white background"),
+    ("a blue circle on a blue background", "a large blue circle in the center on a white background"),
+])
+def test_nearest_caption_keeps_the_grammar_words_and_fills_the_rest(prompt, expected):
+    from pocketdiff.data.shapes import grammar_warning, nearest_caption
+
+    assert nearest_caption(prompt) == expected
+    parse_caption(expected)  # always a valid caption
+    assert expected in grammar_warning(prompt)
+
+
+def test_valid_captions_get_no_warning_and_are_their_own_nearest():
+    from pocketdiff.data.shapes import grammar_warning, nearest_caption
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        text = caption(sample_scene(rng))
+        assert grammar_warning(text) is None
+        assert nearest_caption(text) == text

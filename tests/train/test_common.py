@@ -93,6 +93,7 @@ def test_export_model_writes_a_loadable_folder_with_its_card(tmp_path, teacher_f
                                          "tokenizer": t.tokenizer, "scheduler_config": t.scheduler_config})
     card = model_card(folder)
     assert card["trained"] and card["steps_trained"] == 1 and card["description"] == "test"
+    assert "prompt_grammar" not in card  # its tokenizer is not the Shapes one
     parts = load_components(folder)
     ema = trainer.ema_model()["unet"].state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in parts["unet"].state_dict().items())
@@ -116,3 +117,12 @@ def test_latent_pool_is_shared_by_vae_weights_not_by_folder(tmp_path, monkeypatc
         common.cached_pool(tmp_path, other, n=3, seed=0)
         common.cached_pool(tmp_path, other, n=3, seed=1)  # another seed: anew too
     assert len(calls) == 3
+
+
+def test_only_the_shapes_tokenizer_marks_a_model_as_shapes_only():
+    from pocketdiff.models.tiny import tiny_components
+    from pocketdiff.text.tokenizer import shapes_tokenizer
+    from pocketdiff.train.common import uses_shapes_vocabulary
+
+    assert uses_shapes_vocabulary(shapes_tokenizer())
+    assert not uses_shapes_vocabulary(tiny_components(0)["tokenizer"])

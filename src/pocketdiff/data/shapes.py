@@ -443,3 +443,53 @@ def write_dataset(
                 Image.fromarray(render_into(image, scene)).save(tmp / name)
                 meta.write(json.dumps({"file_name": name, "text": caption(scene)}) + "\n")
     return out_dir
+
+
+# --------------------------------------------------------------------------- prompts outside the grammar
+
+
+def nearest_caption(text: str) -> str:
+    """The valid caption closest to a free-form prompt, from the grammar words it contains.
+
+    Each shape word found becomes an object, with the nearest colour and size words before it (else "large" and
+    the first colour no other object or the background uses) and the position phrase after it (else the next free
+    cell, from the center); "on a/an COLOUR background" (else a colour no object has) gives the background. A prompt
+    without a shape word gets a fixed example. Used to tell a user what a Shapes model can draw."""
+    words = " ".join(text.lower().replace(",", " ").split())
+    tokens = words.split()
+    bg_match = re.search(rf"\bon an? ({_alternation(PALETTE)}) background\b", words)
+    objects: list[ShapeObject] = []
+    for i, tok in enumerate(tokens):
+        if tok not in SHAPES:
+            continue
+        before = tokens[max(0, i - 3):i]
+        colour = next((w for w in reversed(before) if w in PALETTE), None)
+        size = next((w for w in reversed(before) if w in SIZES), "large")
+        after = " ".join(tokens[i + 1:i + 5])
+        cell = next((c for c, p in sorted(enumerate(POSITIONS), key=lambda cp: -len(cp[1]))  # longest first:
+                     if after.startswith(p)), None)  # "at the bottom right" before "at the bottom"
+        used = {o.cell for o in objects}
+        if cell is None or cell in used:
+            cell = next(c for c in (4, 0, 2, 6, 8, 1, 3, 5, 7) if c not in used)
+        objects.append(ShapeObject(tok, colour or "", size, cell))
+        if len(objects) == 3:
+            break
+    if not objects:
+        return "a large red star in the center on a white background"
+    background = bg_match.group(1) if bg_match else None
+    taken = {o.colour for o in objects if o.colour} | ({background} if background else set())
+    free = [c for c in ("red", "blue", "yellow", "green", "black", "white", *PALETTE) if c not in taken]
+    objects = [o if o.colour else ShapeObject(o.shape, free.pop(0), o.size, o.cell) for o in objects]
+    if background is None or background in {o.colour for o in objects}:
+        background = next(c for c in ("white", "black", "gray", *PALETTE) if c not in {o.colour for o in objects})
+    return caption(Scene(tuple(sorted(objects, key=lambda o: o.cell)), background))
+
+
+def grammar_warning(prompt: str) -> str | None:
+    """None for a valid Shapes caption, else one line naming the problem and the nearest valid caption."""
+    try:
+        parse_caption(prompt)
+        return None
+    except ValueError:
+        return (f"{prompt[:60]!r} is not a Shapes caption (this model knows only the grammar of docs/SHAPES.md); "
+                f"nearest: {nearest_caption(prompt)!r}")

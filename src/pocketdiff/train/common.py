@@ -197,6 +197,16 @@ def sampling_check(vae, tokenizer, scheduler_config: dict, *, n: int, steps: int
     return monitor
 
 
+def uses_shapes_vocabulary(tokenizer) -> bool:
+    """True for a tokenizer built on the Shapes caption words (the default models'): each is a token of its own, and
+    there are few others (the byte alphabet; an SD-class CLIP vocabulary, 49,408 tokens, has these words too)."""
+    from ..data.shapes import VOCABULARY
+
+    vocab = set(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else set()
+    words = {w.replace("</w>", "") for w in vocab if w.endswith("</w>")}
+    return set(VOCABULARY) <= words and len(vocab) < 2000
+
+
 def export_model(trainer: Trainer, folder: Path, card: dict, components: Callable[[torch.nn.Module], dict],
                  init_from: str = "") -> Path:
     """Write the final model (:meth:`Trainer.final_model`: the best kept check, else the last EMA weights) as a
@@ -212,6 +222,8 @@ def export_model(trainer: Trainer, folder: Path, card: dict, components: Callabl
     final, chosen = trainer.final_model()
     parts = components(final.cpu())
     card = {"trained": True, **card, **export_card(chosen, init_from)}
+    if uses_shapes_vocabulary(parts["tokenizer"]):  # it can only read Shapes captions: generate warns on others
+        card.setdefault("prompt_grammar", "shapes")
     save_components(folder, parts["unet"].cpu().eval(), parts["vae"], parts["text_encoder"].cpu(), parts["tokenizer"],
                     parts["scheduler_config"], overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
