@@ -192,3 +192,35 @@ def test_param_groups_scale_the_learning_rate_and_drop_frozen_parameters():
                                   {"params": model["d"].parameters(), "lr_scale": 10.0},
                                   {"params": model["f"].parameters()}], 1e-3)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)] and all(len(g["params"]) == 2 for g in groups)
+
+
+def test_resume_after_a_kill_logs_each_step_once_and_carries_elapsed_time(tmp_path, monkeypatch):
+    """A kill after the step-3 checkpoint (later saves never happen): the resumed run replays steps 4-8, and the
+    log holds each step once with elapsed time that keeps counting across the two runs (issue 22)."""
+    first = _setup(tmp_path, 10, interrupt_at=None)
+    real_save = Trainer.save_checkpoint
+
+    def save_until_3(self):
+        if self.step <= 3:
+            real_save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_until_3)
+
+    def dies_at_8(step, _real=first.batches):
+        if step == 8:
+            raise RuntimeError("killed")
+        return _real(step)
+
+    first.batches = dies_at_8
+    with pytest.raises(RuntimeError):
+        first.run()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and state["elapsed_s"] >= 0
+    resumed = _setup(tmp_path, 10)
+    assert resumed.run() == 10
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == [2, 4, 6, 8, 10]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[1] >= state["elapsed_s"]

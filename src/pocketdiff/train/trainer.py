@@ -199,6 +199,7 @@ class Trainer:
         self.ema = EMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.batches, self.monitor, self.after_step = batches, monitor, after_step
         self.step = 0
+        self._elapsed_before, self._run_start = 0.0, 0.0  # wall time of earlier runs; this run's start
         self._checked_step = -1  # the step of the last monitor check
         self._stop = False
 
@@ -219,7 +220,8 @@ class Trainer:
             save_file(_contiguous(self.ema.shadow), str(tmp / "ema.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2))
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "elapsed_s": round(self.elapsed(), 1),
+                                                    "config": asdict(self.cfg)}, indent=2))
         _swap_in(tmp, self.ckpt_dir)
 
     def load_checkpoint(self) -> bool:
@@ -242,8 +244,26 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         if "rng" in opt:
             torch.set_rng_state(opt["rng"])
-        self.step = json.loads((d / "state.json").read_text())["step"]
+        state = json.loads((d / "state.json").read_text())
+        self.step, self._elapsed_before = state["step"], float(state.get("elapsed_s", 0.0))
+        self._drop_replayed_log()
         return True
+
+    def _drop_replayed_log(self) -> None:
+        """Forget log lines after the resumed step: the run replays those steps and logs them again."""
+        log = self.out / "log.jsonl"
+        if not self.accelerator.is_main_process or not log.is_file():
+            return
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            from ..files import write_text
+
+            write_text(log, "".join(line + "\n" for line in kept))
+
+    def elapsed(self) -> float:
+        """Training wall time in seconds over every run of this folder (carried in the checkpoint)."""
+        return self._elapsed_before + (time.time() - self._run_start if self._run_start else 0.0)
 
     # ---- the best-monitored weights (cfg.keep_best) ------------------------------------------------
     @property
@@ -348,7 +368,7 @@ class Trainer:
         self.step += 1
         return {"loss": float(loss.detach()), **terms}
 
-    def _after_step(self, sums: dict, n: int, start: float, last_monitor: float, bar) -> tuple[dict, int, float]:
+    def _after_step(self, sums: dict, n: int, last_monitor: float, bar) -> tuple[dict, int, float]:
         """Log every ``log_every`` steps, checkpoint every ``checkpoint_every``, check every ``monitor_every_s``;
         returns the (possibly reset) running sums, their count and the time of the last check."""
         cfg = self.cfg
@@ -356,7 +376,7 @@ class Trainer:
             avg = {k: v / n for k, v in sums.items()}
             bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
             self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                       "elapsed_s": round(time.time() - start, 1), **avg})
+                       "elapsed_s": round(self.elapsed(), 1), **avg})
             sums, n = {}, 0
         if self.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
@@ -374,7 +394,7 @@ class Trainer:
         self._start(resume)
         prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
-        start = last_monitor = time.time()
+        start = last_monitor = self._run_start = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.out.name, unit="step",
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         sums: dict[str, float] = {}
@@ -387,7 +407,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
                 bar.update(1)
-                sums, n, last_monitor = self._after_step(sums, n, start, last_monitor, bar)
+                sums, n, last_monitor = self._after_step(sums, n, last_monitor, bar)
                 if self._should_stop(start):
                     interrupted = self._stop
                     reason = "stop requested" if interrupted else f"max_minutes={cfg.max_minutes} reached"
