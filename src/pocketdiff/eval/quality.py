@@ -40,15 +40,18 @@ def evaluate(pipe, *, n: int = 500, steps: int = 25, sampler: str = "dpmpp_2m", 
     prompts = fresh_prompts(n, seed)
     pipe.runner.plan_calls(steps * math.ceil(n / batch_size))
     results, seconds, images = [], 0.0, []
-    for i in tqdm(range(0, n, batch_size), desc=f"eval {sampler} {steps} steps g={guidance}", disable=not progress):
+    bar = tqdm(total=n, desc=f"eval {sampler} {steps} steps g={guidance}", unit="image", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]")
+    for i in range(0, n, batch_size):
         chunk = prompts[i:i + batch_size]
         t0 = time.perf_counter()
         out = pipe(chunk, steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, height=IMAGE_SIZE,
-                   width=IMAGE_SIZE)
+                   width=IMAGE_SIZE, callback=lambda _info, k=len(chunk): bar.update(k / steps))  # moves every step
         seconds += time.perf_counter() - t0
         arrays = [np.asarray(im) for im in out.images]
         images += arrays
         results += [check(a, p) for a, p in zip(arrays, chunk)]
+    bar.close()
     summary = aggregate(results)
     extra = clip_metrics(clip, np.stack(images), prompts, seed) if clip is not None else {"clip_score": None, "fd": None}
     return {"n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,

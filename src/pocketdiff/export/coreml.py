@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, first_line, graph_specs, guarded
+from .graphs import Parity, first_line, graph_specs, guarded, with_progress
 
 MAX_ABS, MIN_PSNR = 1e-3, 60.0
 
@@ -47,7 +47,7 @@ def export_coreml(parts: dict, out: Path, check: bool = True, deployment_target:
     import coremltools as ct
 
     components = {}
-    for spec in graph_specs(parts, batch=None):
+    for spec in with_progress(graph_specs(parts, batch=None), "Core ML"):
         path = out / f"{spec.name}.mlpackage"
         inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int64 else np.float32)
                   for n, x in spec.inputs.items()]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, graph_specs, guarded
+from .graphs import Parity, graph_specs, guarded, with_progress
 
 # XNNPACK fp32 kernels agree with torch's to float rounding
 MAX_ABS, MIN_PSNR = 1e-3, 60.0
@@ -33,7 +33,7 @@ def export_executorch(parts: dict, out: Path, check: bool = True) -> dict:
     from executorch.exir import to_edge_transform_and_lower
 
     components = {}
-    for spec in graph_specs(parts, batch=None):
+    for spec in with_progress(graph_specs(parts, batch=None), "ExecuTorch"):
         path = out / f"{spec.name}.pte"
         with guarded("ExecuTorch", spec.name):
             program = torch.export.export(spec.module, tuple(spec.inputs.values()))

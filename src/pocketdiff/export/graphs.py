@@ -167,3 +167,17 @@ class Parity:
 
     def as_dict(self) -> dict:
         return {"max_abs": self.max_abs, "psnr_db": None if math.isinf(self.psnr) else round(self.psnr, 2)}
+
+
+def with_progress(specs, fmt: str):
+    """``specs`` with a progress bar on stderr naming the graph being exported and checked (an export is
+    minutes of silence otherwise)."""
+    import sys
+
+    from tqdm import tqdm
+
+    specs = list(specs)
+    bar = tqdm(specs, desc=f"{fmt} export", unit="graph", file=sys.stderr, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_description(f"{fmt} export: {spec.name} (trace, save, parity check)")
+        yield spec

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PocketdiffError
-from .graphs import Parity, graph_specs, guarded
+from .graphs import Parity, graph_specs, guarded, with_progress
 
 SUPPORTED_OPSETS = range(18, 24)
 # fp32 exported graphs agree with torch to float rounding; the limits leave room for reordered sums
@@ -56,7 +56,7 @@ def export_onnx(parts: dict, out: Path, opset: int = 18, check: bool = True) -> 
         raise PocketdiffError(f"ONNX opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}-"
                               f"{SUPPORTED_OPSETS.stop - 1} (the dynamo exporter needs 18 or newer)")
     components = {}
-    for spec in graph_specs(parts):
+    for spec in with_progress(graph_specs(parts), "ONNX"):
         path = out / f"{spec.name}.onnx"
         batch = torch.export.Dim("batch", min=1, max=1024)
         with guarded("ONNX", spec.name):
