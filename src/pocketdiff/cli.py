@@ -101,6 +101,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae), "
                                  "or a shipped one: shapes-vae-pruned (the channel-pruned Shapes VAE: less decode time)")
     p.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:N, mps")
+    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
+                                                 "usable cores less the load average)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
@@ -243,7 +245,7 @@ def _load_generator(args, folder: Path):
             raise PocketdiffError("--vae, --device and the model-level tiling flags apply to the torch backend only")
         from .backends.onnxruntime import load_onnx_pipeline
 
-        return load_onnx_pipeline(folder, manifest)
+        return load_onnx_pipeline(folder, manifest, threads=args.threads)
     if manifest is not None:
         hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
             "run it with its own runtime on the device"
@@ -327,7 +329,7 @@ def cmd_generate(args) -> int:
     slowest = max(unet_steps) if unet_steps else 0.0  # a stall (a busy CPU) shows here, not in the median
     print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step (slowest "
           f"{slowest * 1000:.1f}) x {chosen.steps} x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total "
-          f"{total:.2f} s ({total / written:.3f} s/image)")
+          f"{total:.2f} s ({total / written:.3f} s/image) | {args.threads} thread(s) ({args.threads_why})")
     return 0
 
 
@@ -399,6 +401,8 @@ def _add_bench(sub) -> None:
                    help="time every UNet block alone (ResNet, attention, samplers): a latency lookup table")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
+                                                 "usable cores less the load average)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -488,6 +492,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
+                                                 "usable cores less the load average)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -598,6 +604,8 @@ def _add_train(sub) -> None:
         p.set_defaults(func=cmd_train, train_fields=add_flags(p, TrainConfig, spec.defaults),
                        recipe_fields=add_flags(p, spec.config))
         p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+        p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
+                                                     "usable cores less the load average)")
 
 
 def cmd_train(args) -> int:
@@ -666,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            from .threads import apply_threads
+
+            args.threads, args.threads_why = apply_threads(args.threads)
         return int(args.func(args) or 0)
     except PocketdiffError as e:
         return _fail(f"pocketdiff {args.command}", str(e))
