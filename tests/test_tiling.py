@@ -74,7 +74,7 @@ def test_attention_chunking_refuses_other_processors():
 
 
 def test_quantized_unet_cannot_be_streamed(tiny_folder, tmp_path):
-    from pocketdiff.quant.weight_only import quantize_folder
+    from pocketdiff.quantize import quantize_folder
 
     q = quantize_folder(tiny_folder, tmp_path / "w8")
     with pytest.raises(PocketdiffError, match="quantized UNet cannot be streamed"):

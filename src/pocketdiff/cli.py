@@ -544,7 +544,7 @@ def _add_quantize(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from .models.registry import resolve_model
-    from .quant.weight_only import quantize_folder
+    from .quantize import quantize_folder
 
     if not math.isfinite(args.max_error) or args.max_error <= 0:
         raise PocketdiffError(f"--max-error must be a positive number, got {args.max_error}")

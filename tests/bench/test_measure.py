@@ -127,5 +127,13 @@ def test_sd15_unet_preset_has_sd15_parameter_count():
 def test_peak_memory_sampling_fallback(monkeypatch):
     from pocketdiff.bench import measure
 
+    import time
+
     monkeypatch.setattr(measure, "_reset_peak_rss", lambda: False)  # as where clear_refs isn't writable
-    assert peak_memory_mb(lambda: torch.empty(25_000_000).fill_(1)) >= 80
+
+    def hold_100mb():  # a peak held for 50 ms: a sampler on a busy CPU may not run during a shorter one
+        t = torch.empty(25_000_000).fill_(1)
+        time.sleep(0.05)
+        return t.sum()
+
+    assert peak_memory_mb(hold_100mb) >= 80

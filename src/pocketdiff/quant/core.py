@@ -17,7 +17,7 @@ for the listed modules (:func:`swap_in_quantized`), loads the file and converts 
 Mode ``dynamic`` also runs every Linear with torch's dynamic int8 kernels (activations quantized per call,
 W8A8), from the same stored int8 weights and scales; Conv2d layers then follow the runtime.
 
-This module is torch-only: ``folder`` imports it to load quantized components, and ``weight_only`` (which
+This module is torch-only: ``folder`` imports it to load quantized components, and ``pocketdiff.quantize`` (which
 writes them) sits above ``folder``.
 """
 

@@ -1,7 +1,7 @@
 """Writing int8 model folders (``pocketdiff quantize``) and the parity probes that check them.
 
-The format and the int8 modules are :mod:`pocketdiff.quant.core`'s; this module sits above ``folder`` and uses
-only its public API (``read_model_index``, ``component_class``, ``weight_stem``, ``weight_files``, ``read_json``,
+The format and the int8 modules are :mod:`pocketdiff.quant`'s (below ``folder``, which loads quantized components
+with them); this module sits above ``folder`` and uses only its public API (``read_model_index``, ``component_class``, ``weight_stem``, ``weight_files``, ``read_json``,
 ``load_model``, ``atomic_folder``).
 """
 
@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ModelFolderError, PocketdiffError
-from ..folder import (atomic_folder, component_class, load_model, read_json, read_model_index, weight_files,
+from .errors import ModelFolderError, PocketdiffError
+from .folder import (atomic_folder, component_class, load_model, read_json, read_model_index, weight_files,
                       weight_stem)
-from .core import MODES, QUANT_FILE, QuantSpec, quantizable, quantized_state_dict
+from .quant.core import MODES, QUANT_FILE, QuantSpec, quantizable, quantized_state_dict
 
 
 # ---- parity probes: one seeded forward per component kind ------------------------------------------

@@ -18,7 +18,7 @@ from pocketdiff.models.tiny import tiny_components
 from pocketdiff.pipeline import Pipeline
 from pocketdiff.quant import (QUANT_FILE, QuantConv2d, QuantLinear, dequantize_per_channel, quantize_module,
                               quantize_per_channel)
-from pocketdiff.quant.weight_only import quantize_folder, relative_error
+from pocketdiff.quantize import quantize_folder, relative_error
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
