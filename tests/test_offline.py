@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
+pytestmark = [pytest.mark.slow,  # two traced subprocesses, ~45 s: CI's separate slow step
+              pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")]
 
 NETWORK = re.compile(r"sa_family=AF_INET6?\b|htons\(53\)|sendto\(\d+, \"[^\"]*\\\\[0-7]{1,3}(events|data)")
 

@@ -81,6 +81,7 @@ def test_bad_adversarial_settings_are_refused(bad):
         LCMRecipe(**bad)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_train_lcm_with_the_term_exports_only_the_student(teacher_folder, tmp_path, train_cfg):
     """The heads train and are checkpointed (resume is exact), but the exported folder is the plain student."""
     import json

@@ -1,5 +1,6 @@
 """The domain CLIP's training recipe (train.clip): resumable batches, a loss that trains, a loadable folder."""
 
+import pytest
 import torch
 
 from pocketdiff.eval.clip import CORRUPTIONS, ClipConfig, DomainCLIP, clip_quality
@@ -34,6 +35,7 @@ def test_clip_loss_is_finite_and_training_lowers_it():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_train_clip_writes_a_loadable_folder(tmp_path):
     from pocketdiff.train.trainer import TrainConfig
 

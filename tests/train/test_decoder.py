@@ -70,6 +70,7 @@ def test_bad_settings_are_refused(bad):
         DecoderRecipe(**bad)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_recipe_distils_towards_the_teacher_and_writes_a_model(teacher_folder, train_cfg, tmp_path, monkeypatch):
     from pocketdiff.folder import load_components
     from pocketdiff.pipeline import Pipeline

@@ -123,6 +123,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         json.dump({k: v.double().sum().item() for k, v in state.items()}, f)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_two_cpu_processes_keep_identical_replicas(tmp_path):
     """DDP over gloo: both replicas hold the same weights after training (gradients were averaged)."""
     with socket.socket() as s:
@@ -178,6 +179,7 @@ def _kd_cfg(out_dir, steps=2):
                        checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_kd_continues_a_trained_student_and_refuses_another_preset(kd_teacher_folder, tmp_path):
     from pocketdiff.folder import load_components
     from pocketdiff.train.kd import train_kd

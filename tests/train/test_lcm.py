@@ -148,6 +148,7 @@ def _diffusers_latents(pipe, guidance):
                 output_type="latent").images
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_train_lcm_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_path, train_cfg):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
@@ -171,6 +172,7 @@ def test_train_lcm_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_p
     assert torch.isfinite(got).all() and (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_compact_student_from_its_own_folder(teacher_folder, tmp_path, train_cfg):
     """EdgeFusion-style: the student has another architecture (and here another prediction type)."""
     from pocketdiff.folder import load_components, save_components
@@ -204,6 +206,7 @@ def test_compact_student_from_its_own_folder(teacher_folder, tmp_path, train_cfg
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_lcm_lora_trains_only_the_adapter(teacher_folder, tmp_path, train_cfg):
     pytest.importorskip("peft")
     from diffusers import LCMScheduler, StableDiffusionPipeline

@@ -47,6 +47,7 @@ def test_run_recipe_refuses_unknown_names_and_a_missing_teacher(tmp_path):
         run_recipe("kd", TrainConfig(out_dir=str(tmp_path)))
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_run_recipe_trains_a_library_callers_recipe_by_name(tmp_path, teacher_folder, train_cfg):
     from pocketdiff.train.kd import KDRecipe
 

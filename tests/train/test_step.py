@@ -59,6 +59,7 @@ def test_bad_settings_are_refused(bad):
         StepRecipe(**bad)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_distilled_folder_runs_in_pocketdiff_and_diffusers(teacher_folder, tmp_path, train_cfg):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -1,5 +1,6 @@
 """The teacher recipe end to end on a tiny UNet: it trains, saves a loadable folder, and continues one."""
 
+import pytest
 import json
 
 import torch
@@ -21,6 +22,7 @@ def _cfg(out_dir, steps):
                        checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_teacher_trains_then_continues_with_its_step_total(tmp_path):
     from pocketdiff.folder import load_components
     from pocketdiff.models.tiny import tiny_components
@@ -47,6 +49,7 @@ def test_steps_card_counts_a_folder_without_a_card_as_untrained(tmp_path):
     assert steps_card(5, str(tmp_path)) == {"steps_trained": 5, "steps_this_run": 5, "init_from": str(tmp_path)}
 
 
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_init_from_keeps_the_folders_own_tokenizer(tmp_path):
     """A continued teacher reads captions with its folder's tokenizer, not the Shapes one (issue 23)."""
     from pocketdiff.folder import load_components, save_components
