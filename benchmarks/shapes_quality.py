@@ -3,6 +3,7 @@
     python benchmarks/shapes_quality.py vae [--vae FOLDER] [--n 1000]
     python benchmarks/shapes_quality.py teacher [--model default] [--n 500] [--sweep-n 200] [--log RUN/log.jsonl]
     python benchmarks/shapes_quality.py decoder --vae PRUNED_VAE [--teacher-vae DIR] [--n 1000]
+    python benchmarks/shapes_quality.py ratios --model default --n 96 --out shapes_ratios_v1.json
 
 The teacher is measured as the issue asks: 50 DDIM steps, a sweep of guidance scales on ``--sweep-n``
 fresh prompts, then the best scale on ``--n`` fresh prompts (other seeds than the sweep), and the UNet's
@@ -153,6 +154,10 @@ def main(argv=None) -> int:
     d.add_argument("--vae", type=Path, nargs="+", required=True, help="pruned VAE folders (`train decoder` OUT/vae)")
     d.add_argument("--teacher-vae", type=Path, default=None, help="default: the default model's vae/")
     d.add_argument("--n", type=int, default=1000)
+    r = sub.add_parser("ratios", help="only the object-loss ratios to the Bayes-optimal denoiser")
+    r.add_argument("--model", default="default")
+    r.add_argument("--n", type=int, default=96)
+    r.add_argument("--out", required=True, help="file name under docs/results/")
     t = sub.add_parser("teacher")
     t.add_argument("--model", default="default")
     t.add_argument("--n", type=int, default=500)
@@ -181,6 +186,12 @@ def main(argv=None) -> int:
                 f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['size']:.1f} | "
                 f"{100 * r['background']:.1f} | {100 * r['no_extra']:.1f} |\n\ndocs/SHAPES.md's gate for training a UNet "
                 f"on these latents is >= 97% all-correct.\n")
+    elif args.what == "ratios":
+        from pocketdiff.pipeline import Pipeline
+
+        folder = resolve_model(args.model)
+        r = {"name": folder.name, "folder": str(folder), **measure_ratios(Pipeline.from_folder(folder), args.n)}
+        (RESULTS / args.out).write_text(json.dumps(r, indent=2))
     elif args.what == "decoder":
         r = measure_decoders(args.teacher_vae or resolve_model("default") / "vae", args.vae, args.n)
         (RESULTS / "shapes_decoder.json").write_text(json.dumps(r, indent=2))
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
         (RESULTS / args.out).write_text(json.dumps(r, indent=2, default=float))
         if args.write_card:
             write_card(Path(r["folder"]), r)
-    print(json.dumps(r if args.what in ("vae", "decoder") else r["best"], indent=2, default=float)[:2000])
+    print(json.dumps(r if args.what in ("vae", "decoder", "ratios") else r["best"], indent=2, default=float)[:2000])
     return 0
 
 

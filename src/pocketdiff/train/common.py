@@ -114,6 +114,24 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def cache_matches(meta_file: Path, key: dict) -> dict | None:
+    """The cache's metadata when ``meta_file`` records ``key``; None when there is no cache, and None with a note
+    when it was made with other settings (every recipe cache is then built again, never used stale)."""
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}
+    if meta.get("key") == key:
+        return meta
+    old = meta.get("key") or {}
+    changed = sorted(k for k in set(key) | set(old) if old.get(k) != key.get(k))
+    tqdm.write(f"{meta_file.parent}: its cache was made with other settings ({', '.join(changed) or 'unreadable'}); "
+               "building it again")
+    return None
+
+
 def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size and seed
     (so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*`` across).
@@ -128,10 +146,9 @@ def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[s
     key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
     pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
     with PartialState().main_process_first():
-        if pool_file.is_file() and meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            if meta.get("key") == key:
-                return load_file(str(pool_file))["latents"], meta["captions"]
+        meta = cache_matches(meta_file, key)
+        if meta is not None and pool_file.is_file():
+            return load_file(str(pool_file))["latents"], meta["captions"]
         latents, captions = encode_pool(vae, n, seed)
         if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
             save_tensors({"latents": latents}, pool_file)

@@ -151,12 +151,12 @@ def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed:
     from safetensors.torch import load_file
 
     from ..files import save_tensors, write_text
-    from .common import weights_digest
+    from .common import cache_matches, weights_digest
 
     settings = generator_settings(folder, recipe)
     key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings}
     path, meta = out / "generated_latents.safetensors", out / "generated_latents.json"
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+    if cache_matches(meta, key) is not None and path.is_file():
         return load_file(str(path))["latents"]
     latents = generate_latents(pipe, recipe.n_generated, settings, seed)
     save_tensors({"latents": latents}, path)

@@ -122,7 +122,8 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
     from tqdm import tqdm
 
     from ..data.shapes import caption, sample_scene
-    from ..files import save_tensors
+    from ..files import save_tensors, write_text
+    from .common import cache_matches
     from ..pipeline import Pipeline
 
     grid = student_grid(schedule, recipe.student_steps)
@@ -131,9 +132,10 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
     key = {"teacher": str(teacher_dir), "grid": grid, "substeps": recipe.teacher_substeps,
            "guidance": recipe.guidance, "seed": seed, "chunk": chunk}
     meta = folder / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()) != key:
-        raise ValueError(f"{folder} holds trajectories of other settings; use another --out-dir")
-    meta.write_text(json.dumps(key))
+    if meta.is_file() and cache_matches(meta, key) is None:  # other settings: the old chunks go
+        for chunk_file in folder.glob("*.safetensors"):
+            chunk_file.unlink()
+    write_text(meta, json.dumps({"key": key}))
     rng = np.random.default_rng([seed, 4242])
     captions = [caption(sample_scene(rng)) for _ in range(recipe.n_pairs)]  # training split: no held-out pairs
     pipe = None

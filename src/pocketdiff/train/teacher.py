@@ -187,7 +187,8 @@ def train_teacher(cfg: TrainConfig, recipe: TeacherRecipe | None = None, resume:
     trainer.run(resume=resume)
     card = {"description": "Shapes teacher: SD-style UNet (BK-SDM-compatible blocks) + CLIP text encoder, trained by "
                            "pocketdiff", "architecture": recipe.arch if not recipe.init_from else "init_from",
-            "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": recipe.monitor_guidance}}
+            "defaults": {"steps": 25, "sampler": "dpmpp_2m", "guidance": recipe.monitor_guidance},
+            **({"text_init_from": recipe.text_init_from} if recipe.text_init_from else {})}
     return export_model(trainer, out / "model", card, lambda final: {
         "unet": final["unet"], "vae": vae, "text_encoder": final["text_encoder"], "tokenizer": tokenizer,
         "scheduler_config": recipe.scheduler}, recipe.init_from)
