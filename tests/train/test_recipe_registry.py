@@ -54,3 +54,37 @@ def test_run_recipe_trains_a_library_callers_recipe_by_name(tmp_path, teacher_fo
     out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1), KDRecipe(student="bk-tiny", pool_size=4),
                      teacher=teacher_folder)
     assert (out / "model_index.json").is_file() and (out / "pocketdiff.json").is_file()
+
+
+@pytest.mark.slow  # an end-to-end training run: CI's separate slow step
+def test_kd_trains_on_an_image_folder_through_data(tmp_path, teacher_folder, train_cfg):
+    """--data: the pool is encoded from the user's images (keyed by their digest), not from Shapes renders."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pocketdiff.train.kd import KDRecipe
+
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 70 * i, np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a red star {i}")
+    out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1),
+                     KDRecipe(student="bk-tiny", pool_size=4, data=str(images), resolution=16), teacher=teacher_folder)
+    meta = json.loads((tmp_path / "run" / "latent_pool.json").read_text())
+    assert "data" in meta["key"] and all(c.startswith("a red star") for c in meta["captions"])
+    assert (out / "model_index.json").is_file()
+
+
+def test_an_empty_data_folder_fails_in_one_line_before_any_model_loads(tmp_path, teacher_folder, capsys,
+                                                                        monkeypatch):
+    import pocketdiff.train.common as common
+    from pocketdiff.testing import run_cli
+
+    monkeypatch.setattr(common, "load_teacher", lambda *_: pytest.fail("the teacher was loaded"))
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["train", "kd", "--teacher", str(teacher_folder), "--data",
+                            str(tmp_path / "empty"), "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and "no images with captions" in err and err.strip().count("\n") == 0

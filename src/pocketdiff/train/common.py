@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.shapes import sample_batch
 from ..latents import to_pixels
 from ..schedule import NoiseSchedule
 from .trainer import TrainConfig, Trainer, export_card
@@ -93,14 +92,24 @@ def check_foreground(weight: float, threshold: float) -> None:
 
 # ---- latent pools and their batches ----------------------------------------------------------------
 @torch.no_grad()
-def encode_pool(vae, n: int, seed: int, batch: int = 256, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """Scaled VAE latents (posterior means) of ``n`` fresh renders, and their captions."""
-    rng = np.random.default_rng([seed, 999])
+def encode_pool(vae, n: int, seed: int, data=None, batch: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """Scaled VAE latents (posterior means) of ``n`` images of ``data`` (a :class:`~pocketdiff.data.datasets.Dataset`;
+    default: fresh Shapes renders) and their captions."""
+    from ..data.datasets import open_dataset
+
+    data = data if data is not None else open_dataset("shapes")
     lat, caps = [], []
-    for i in tqdm(range(0, n, batch), desc="encoding latent pool", unit="batch"):
-        images, captions, _ = sample_batch(rng, min(batch, n - i), split=split)
-        lat.append(vae.encode(to_pixels(images)).latent_dist.mode() * vae.config.scaling_factor)
-        caps += captions
+    stream = data.samples(n, seed)
+    device = next(vae.parameters()).device
+    for _ in tqdm(range(0, n, batch), desc="encoding latent pool", unit="batch"):
+        chunk = [s for _, s in zip(range(batch), stream)]
+        if not chunk:
+            break
+        images = np.stack([im for im, _ in chunk])  # (b, H, W, 3) uint8
+        lat.append(vae.encode(to_pixels(images).to(device)).latent_dist.mode().cpu() * vae.config.scaling_factor)
+        caps += [c for _, c in chunk]
+    if getattr(data, "skipped", None):
+        tqdm.write(f"{data.source}: skipped {sum(data.skipped.values())} image(s): {dict(data.skipped)}")
     return torch.cat(lat), caps
 
 
@@ -132,9 +141,9 @@ def cache_matches(meta_file: Path, key: dict) -> dict | None:
     return None
 
 
-def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size and seed
-    (so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*`` across).
+def cached_pool(out: Path, vae, n: int, seed: int, data=None) -> tuple[torch.Tensor, list[str]]:
+    """:func:`encode_pool`, stored in ``out`` and reused only for the same VAE weights, size, seed and data (its
+    digest: files and fitting; so runs whose teachers share a VAE can share one pool file: copy ``latent_pool.*``).
 
     With several processes the main one encodes and writes first; the others then read its file.
     """
@@ -144,12 +153,14 @@ def cached_pool(out: Path, vae, n: int, seed: int) -> tuple[torch.Tensor, list[s
     from ..files import save_tensors, write_text
 
     key = {"vae_sha256": weights_digest(vae), "n": n, "seed": seed}
+    if data is not None and not data.is_shapes:  # the Shapes stream's key stays what it always was
+        key["data"] = data.digest()
     pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
     with PartialState().main_process_first():
         meta = cache_matches(meta_file, key)
         if meta is not None and pool_file.is_file():
             return load_file(str(pool_file))["latents"], meta["captions"]
-        latents, captions = encode_pool(vae, n, seed)
+        latents, captions = encode_pool(vae, n, seed, data)
         if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
             save_tensors({"latents": latents}, pool_file)
             write_text(meta_file, json.dumps({"key": key, "captions": captions}))

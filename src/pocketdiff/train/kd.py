@@ -24,7 +24,11 @@ class KDRecipe:
     output_weight: float = 1.0  # weight of output KD: the student's prediction against the teacher's
     feature_weight: float = 1.0  # weight of feature KD: the stage outputs against the teacher's
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (keeps CFG working)
-    pool_size: int = 30_000  # rendered scenes whose latents are computed once
+    pool_size: int = 30_000  # training images whose latents are computed once
+    # training images: "shapes" (the procedural stream), an image folder with captions (metadata.jsonl, or img.txt
+    # beside img.png) or webdataset tar shards (a path, glob or {000..009} pattern); see pocketdiff.data.datasets
+    data: str = "shapes"
+    resolution: int = 64  # training images are fitted to this many pixels (short-side resize, centre crop)
     inherit: bool = True  # seed the student with the teacher's weights (BK-SDM)
     init_from: str = ""  # a trained student folder whose UNet seeds the run instead (continue a KD student)
     # extra weight of the task and output-KD terms on object regions (see teacher.TeacherRecipe)
@@ -199,11 +203,14 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
     from .trainer import Trainer
 
+    from ..data.datasets import open_dataset
+
     recipe = recipe or KDRecipe()
+    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
     t = load_teacher(teacher_dir)
     out = start_run(cfg)
     student = kd_student(recipe, t.unet)
-    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed, data)
     model = kd_model(student, t.unet)
     loss_fn = kd_loss(t.unet, model, t.text_encoder, t.schedule, recipe)
     monitor = sampling_check(t.vae, t.tokenizer, t.scheduler_config, n=48, steps=20, sampler="ddim", guidance=4.0,

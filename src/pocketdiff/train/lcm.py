@@ -57,7 +57,11 @@ class LCMRecipe:
     target_decay: float = 0.95  # EMA decay of the target network (0: the online student is its own target)
     time_cond_proj_dim: int = 256  # w-embedding width added to a student without one (0: none)
     caption_dropout: float = 0.0  # share of captions replaced by the empty prompt
-    pool_size: int = 30_000  # rendered scenes whose latents are computed once
+    pool_size: int = 30_000  # training images whose latents are computed once
+    # training images: "shapes" (the procedural stream), an image folder with captions (metadata.jsonl, or img.txt
+    # beside img.png) or webdataset tar shards (a path, glob or {000..009} pattern); see pocketdiff.data.datasets
+    data: str = "shapes"
+    resolution: int = 64  # training images are fitted to this many pixels (short-side resize, centre crop)
     lora_rank: int = 0  # > 0: LCM-LoRA adapter of this rank on the teacher (via peft) instead of a full model
     # extra weight of the distance on object regions of the clean latent (see teacher.TeacherRecipe)
     foreground_weight: float = 0.0
@@ -295,7 +299,10 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
     from .trainer import Trainer
 
+    from ..data.datasets import open_dataset
+
     recipe = recipe or LCMRecipe()
+    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
     t = load_teacher(teacher_dir)
     out = start_run(cfg)
     lora = recipe.lora_rank > 0
@@ -308,7 +315,7 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
 
         disc = DiscriminatorHeads(feature_channels(t.unet), t.text_encoder.config.hidden_size, recipe.adv_head_channels)
     model = lcm_model(student, target_decay, disc)
-    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed, data)
     loss_fn = lcm_loss(t.unet, t.text_encoder, schedule, recipe, empty_prompt_states(t.tokenizer, t.text_encoder),
                        t.schedule.prediction_type)
     out_sched = lcm_scheduler_config(t.scheduler_config, schedule, recipe.num_ddim_timesteps)

@@ -75,7 +75,11 @@ class TeacherRecipe:
     unet: dict = field(default_factory=dict)  # an explicit UNet config; {} = the arch preset's
     text: dict = field(default_factory=lambda: dict(SHAPES_TEXT))
     scheduler: dict = field(default_factory=lambda: dict(SHAPES_SCHEDULER))
-    pool_size: int = 60_000  # rendered scenes whose latents are computed once
+    pool_size: int = 60_000  # training images whose latents are computed once
+    # training images: "shapes" (the procedural stream), an image folder with captions (metadata.jsonl, or img.txt
+    # beside img.png) or webdataset tar shards (a path, glob or {000..009} pattern); see pocketdiff.data.datasets
+    data: str = "shapes"
+    resolution: int = 64  # training images are fitted to this many pixels (short-side resize, centre crop)
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (trains CFG's unconditional branch)
     # 0: plain v-MSE. Min-SNR-5 (Hang et al. 2023) weighs a v-prediction loss by min(snr, 5) / (snr + 1), i.e.
     # ~snr at high noise: ~0.005 at t=999, where the layout (which object goes where) is decided. Measured on
@@ -161,7 +165,10 @@ def train_teacher(cfg: TrainConfig, recipe: TeacherRecipe | None = None, resume:
     from ..folder import load_components
     from ..models.components import resolve_component
 
+    from ..data.datasets import open_dataset
+
     recipe = recipe or TeacherRecipe()
+    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
     vae_dir = resolve_component(recipe.vae)
     if not (Path(vae_dir) / "config.json").is_file():
         raise ValueError(f"{vae_dir}: not a VAE folder (no config.json); pass the folder `train vae` wrote")
@@ -169,13 +176,14 @@ def train_teacher(cfg: TrainConfig, recipe: TeacherRecipe | None = None, resume:
     vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
     parts = load_components(recipe.init_from) if recipe.init_from else None
     tokenizer = parts["tokenizer"] if parts else shapes_tokenizer()  # a continued folder keeps its own
-    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed)
+    latents, captions = cached_pool(out, vae, recipe.pool_size, cfg.seed, data)
     torch.manual_seed(cfg.seed)
+    unet_config = {**recipe.unet, "sample_size": recipe.resolution // 2 ** (len(vae.config.block_out_channels) - 1)}
     if parts:  # continue a trained teacher (its own architecture; the recipe's is ignored)
         model = torch.nn.ModuleDict({"unet": parts["unet"].float(), "text_encoder": parts["text_encoder"].float()})
         model.requires_grad_(True).train()
     else:
-        model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**recipe.unet),
+        model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(**unet_config),
                                      "text_encoder": initial_text_encoder(recipe, tokenizer)})
     schedule = NoiseSchedule.from_config(recipe.scheduler)
     monitor = sampling_check(vae, tokenizer, recipe.scheduler, n=recipe.monitor_n, steps=recipe.monitor_steps,
