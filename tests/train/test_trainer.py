@@ -224,3 +224,36 @@ def test_resume_after_a_kill_logs_each_step_once_and_carries_elapsed_time(tmp_pa
     assert steps == [2, 4, 6, 8, 10]
     elapsed = [r["elapsed_s"] for r in records]
     assert elapsed == sorted(elapsed) and elapsed[1] >= state["elapsed_s"]
+
+
+def test_gradient_accumulation_over_two_halves_equals_one_full_batch(tmp_path):
+    """Two micro-batches of 8 per optimizer step train exactly as one batch of 16 (the loss is a mean)."""
+
+    def make(out, accumulate):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+        def full(step):
+            g = torch.Generator().manual_seed(step)
+            return torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+
+        def batches(index):
+            if accumulate == 1:
+                x, y = full(index)
+                return {"x": x, "y": y}
+            x, y = full(index // 2)
+            half = slice(0, 8) if index % 2 == 0 else slice(8, 16)
+            return {"x": x[half], "y": y[half]}
+
+        cfg = TrainConfig(out_dir=str(out), steps=5, batch_size=16 // accumulate, lr=1e-2, warmup_steps=2,
+                          log_every=1, checkpoint_every=100, ema_decay=0.0, monitor_every_s=0, grad_clip=0.0,
+                          gradient_accumulation_steps=accumulate)
+        return Trainer(cfg, model, lambda m, b, s: ((m(b["x"]) - b["y"]).pow(2).mean(), {}), batches)
+
+    one, two = make(tmp_path / "one", 1), make(tmp_path / "two", 2)
+    one.run(), two.run()
+    assert one.step == two.step == 5
+    for a, b in zip(one.raw_model.state_dict().values(), two.raw_model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        TrainConfig(gradient_accumulation_steps=0)

@@ -42,6 +42,8 @@ class TrainConfig:
     monitor_every_s: float = 600.0  # seconds between quality checks (monitor callback); 0: off
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16" (bf16 is ~100x slower on these CPUs)
     gradient_checkpointing: bool = False  # for SD-scale models on GPUs
+    # micro-batches per optimizer step (each of batch_size, per process): an effective batch larger than memory
+    gradient_accumulation_steps: int = 1
     seed: int = 0  # seeds the model initialisation and every batch (a batch is a function of seed and step)
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0: no limit
     # a monitor metric, higher is better (e.g. "all_correct"): every check that beats the best so far keeps
@@ -49,8 +51,8 @@ class TrainConfig:
     keep_best: str = ""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("steps, batch_size and gradient_accumulation_steps must be >= 1")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every and checkpoint_every must be >= 1")
         if not self.lr > 0 or self.warmup_steps < 0 or self.max_minutes < 0:
@@ -349,24 +351,36 @@ class Trainer:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _train_step(self) -> dict[str, float]:
-        """One optimizer step (then EMA and ``after_step``); returns the loss and the recipe's terms."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (then EMA and ``after_step``);
+        returns the loss and the recipe's terms, averaged over the micro-batches.
+
+        Accumulation is done here rather than by accelerate's ``accumulate``, whose step counter is process-global
+        state shared by every Accelerator: gradients of all but the last micro-batch stay local (``no_sync``)."""
+        import contextlib
+
         cfg, acc = self.cfg, self.accelerator
-        # each process draws its own batch; a pure function of (step, rank) keeps resume exact
-        batch = to_device(self.batches(self.step * acc.num_processes + acc.process_index), acc.device)
-        with acc.accumulate(self.model):
-            loss, terms = self.model(batch, self.step)
-            acc.backward(loss)
-            if cfg.grad_clip > 0 and acc.sync_gradients:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        n = cfg.gradient_accumulation_steps
+        terms_sum: dict[str, float] = {}
+        for k in range(n):
+            # each process draws its own batches; a pure function of (step, micro-batch, rank) keeps resume exact
+            index = (self.step * n + k) * acc.num_processes + acc.process_index
+            batch = to_device(self.batches(index), acc.device)
+            with contextlib.nullcontext() if k == n - 1 else acc.no_sync(self.model):
+                loss, terms = self.model(batch, self.step)
+                acc.backward(loss / n if n > 1 else loss)
+            for name, v in {"loss": float(loss.detach()), **terms}.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + float(v) / n
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.raw_model, self.step)
         if self.after_step is not None:
             self.after_step(self.step, self.raw_model)
         self.step += 1
-        return {"loss": float(loss.detach()), **terms}
+        return terms_sum
 
     def _after_step(self, sums: dict, n: int, last_monitor: float, bar) -> tuple[dict, int, float]:
         """Log every ``log_every`` steps, checkpoint every ``checkpoint_every``, check every ``monitor_every_s``;
