@@ -126,3 +126,16 @@ def test_only_the_shapes_tokenizer_marks_a_model_as_shapes_only():
 
     assert uses_shapes_vocabulary(shapes_tokenizer())
     assert not uses_shapes_vocabulary(tiny_components(0)["tokenizer"])
+
+
+def test_frozen_modules_take_the_mixed_precision_dtype_on_a_gpu_only(train_cfg, tmp_path):
+    from pocketdiff.train.common import frozen_dtype
+
+    cfg = train_cfg(tmp_path, mixed_precision="bf16")
+    assert frozen_dtype(cfg, torch.device("cuda")) is torch.bfloat16
+    assert frozen_dtype(cfg, torch.device("cpu")) is None
+    assert frozen_dtype(train_cfg(tmp_path), torch.device("cuda")) is None
+    m = torch.nn.Linear(2, 2)
+    with on_device(torch.device("cpu"), m, dtype=torch.bfloat16):
+        assert m.weight.dtype is torch.bfloat16
+    assert m.weight.dtype is torch.float32  # back in float32 for the export

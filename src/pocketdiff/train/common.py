@@ -71,17 +71,27 @@ def matching_schedule(teacher_config: dict, student_config: dict, student: str, 
     return schedule
 
 
+def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype frozen modules (teacher, VAE, text encoder) run in: the mixed-precision dtype on a GPU (half the
+    memory; they run under the trainer's autocast anyway), else None (float32, as loaded)."""
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+
 @contextmanager
-def on_device(device: torch.device, *modules: torch.nn.Module | None) -> Iterator[None]:
-    """Frozen modules on the trainer's device for the run, back on the CPU after it (for the export)."""
+def on_device(device: torch.device, *modules: torch.nn.Module | None,
+              dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Frozen modules on the trainer's device (in ``dtype`` if given) for the run, back on the CPU in float32
+    after it (for the export)."""
     kept = [m for m in modules if m is not None]
     for m in kept:
-        m.to(device)
+        m.to(device, dtype) if dtype is not None else m.to(device)
     try:
         yield
     finally:
         for m in kept:
-            m.cpu()
+            m.to("cpu", torch.float32) if dtype is not None else m.cpu()
 
 
 def check_foreground(weight: float, threshold: float) -> None:

@@ -265,7 +265,7 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     """Prune and distil the VAE of ``teacher_dir``; writes ``out_dir/vae`` and ``out_dir/model`` (the generator
     model folder with the pruned VAE in place of its own)."""
     from ..folder import load_vae
-    from .common import load_teacher, on_device, start_run
+    from .common import frozen_dtype, load_teacher, on_device, start_run
     from .trainer import Trainer
 
     recipe = recipe or DecoderRecipe()
@@ -281,7 +281,8 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
                       decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
                       monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
-    with on_device(trainer.accelerator.device, teacher):
+    device = trainer.accelerator.device
+    with on_device(device, teacher, dtype=frozen_dtype(cfg, device)):
         trainer.run(resume=resume)
     if not trainer.accelerator.is_main_process:
         return out / "model"

@@ -200,7 +200,8 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     import copy
     from pathlib import Path
 
-    from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
+    from .common import (cached_pool, export_model, frozen_dtype, latent_batches, load_teacher, on_device,
+                         sampling_check, start_run)
     from .trainer import Trainer
 
     from ..data.datasets import open_dataset
@@ -217,7 +218,8 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
                              text_encoder=copy.deepcopy(t.text_encoder))  # a CPU copy: checks run on the CPU
     trainer = Trainer(cfg, model, loss_fn, latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed,
                                                           recipe.caption_dropout), monitor=monitor)
-    with on_device(trainer.accelerator.device, t.unet, t.text_encoder):
+    device = trainer.accelerator.device
+    with on_device(device, t.unet, t.text_encoder, dtype=frozen_dtype(cfg, device)):
         try:
             trainer.run(resume=resume)
         finally:

@@ -296,7 +296,8 @@ def empty_prompt_states(tokenizer, text_encoder) -> torch.Tensor:
 
 def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = True) -> Path:
     """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
-    from .common import cached_pool, export_model, latent_batches, load_teacher, on_device, sampling_check, start_run
+    from .common import (cached_pool, export_model, frozen_dtype, latent_batches, load_teacher, on_device,
+                         sampling_check, start_run)
     from .trainer import Trainer
 
     from ..data.datasets import open_dataset
@@ -330,7 +331,8 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
                       latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
                       monitor=monitor if cfg.monitor_every_s > 0 else None, params=groups,
                       after_step=lambda step, m: update_target(m, target_decay))
-    with on_device(trainer.accelerator.device, t.unet, t.text_encoder):
+    device = trainer.accelerator.device
+    with on_device(device, t.unet, t.text_encoder, dtype=frozen_dtype(cfg, device)):
         trainer.run(resume=resume)
 
     def components(final) -> dict:

@@ -263,7 +263,8 @@ def pixel_term_vae(recipe: StepRecipe, vae) -> torch.nn.Module | None:
 def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True) -> Path:
     """Distil ``recipe.student`` into a ``student_steps``-step DDIM model of the teacher; writes ``out_dir/model``."""
     from ..folder import load_components
-    from .common import export_model, load_teacher, matching_schedule, on_device, sampling_check, start_run
+    from .common import (export_model, frozen_dtype, load_teacher, matching_schedule, on_device, sampling_check,
+                         start_run)
     from .trainer import Trainer
 
     if not recipe.student:
@@ -287,7 +288,8 @@ def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True
                       step_batches(traj, captions, t.tokenizer, grid, cfg.batch_size, cfg.seed,
                                    rollout=recipe.target == "rollout"),
                       monitor=monitor if cfg.monitor_every_s > 0 else None)
-    with on_device(trainer.accelerator.device, t.text_encoder, pixel_vae):
+    device = trainer.accelerator.device
+    with on_device(device, t.text_encoder, pixel_vae, dtype=frozen_dtype(cfg, device)):
         trainer.run(resume=resume)
     card = {"description": f"{recipe.student_steps}-step student of {Path(teacher_dir).name} by direct step "
                            f"distillation (CFG {recipe.guidance} baked in)",
