@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pocketdiff.cli import main
+from pocketdiff.testing import BAD_GENERATE_INPUTS
 from pocketdiff.testing import run_cli as _run
 from pocketdiff.testing import tree as _files
 
@@ -120,30 +121,7 @@ def test_generate_with_model_level_tiling(tiny_folder, out, capsys):
 
 
 # ---- generate: user errors ------------------------------------------------------------------------
-BAD = {
-    "steps-0": ["--steps", 0],
-    "guidance-nan": ["--guidance", "nan"],
-    "guidance-inf": ["--guidance", "inf"],
-    "sampler-unknown": ["--sampler", "nope"],
-    "height-33": ["--height", 33],
-    "height-0": ["--height", 0],
-    "lcm-more-steps-than-distilled": ["--sampler", "lcm", "--steps", 60],
-    "steps-over-train-timesteps": ["--steps", 2000],
-    "num-images-0": ["--num-images", 0],
-    "png-in-missing-folder": ["-o", "{tmp}/missing/x.png"],
-    "missing-output-folder": ["-o", "{tmp}/missing"],
-    "missing-prompt": None,
-    "missing-prompts-file": ["--prompts-file", "{tmp}/nope.txt"],
-    "empty-prompts-file": ["--prompts-file", "{tmp}/empty.txt"],
-    "unknown-model": ["--model", "{tmp}/no-such-model"],
-    "attention-chunk-0": ["--attention-chunk", 0],
-    "vae-tile-not-multiple": ["--vae-tile", 12],
-    "seed-too-large": ["--seed", 99999999999999999999],
-    "seed-negative": ["--seed", -1],
-    "size-beyond-memory": ["--height", 100000, "--width", 100000],
-    "unsupported-extension": ["-o", "{tmp}/x.gif"],
-    "output-png-is-a-folder": ["-o", "{tmp}/folder.png", "--overwrite"],
-}
+BAD = BAD_GENERATE_INPUTS
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -20,3 +20,32 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
 def tree(folder: Path) -> list[str]:
     """Every path below ``folder`` (hidden temp folders included), sorted: to assert nothing was left behind."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+# Bad inputs to ``pocketdiff generate`` (extra arguments after a prompt and -o; None: no prompt at all; "{tmp}" is
+# a scratch folder holding empty.txt and folder.png/). Each must end in one error line and exit 2, writing nothing:
+# tests/test_cli.py checks that, and benchmarks/bad_inputs.py tabulates the messages for docs/RESULTS.md.
+BAD_GENERATE_INPUTS: dict[str, list | None] = {
+    "steps-0": ["--steps", 0],
+    "guidance-nan": ["--guidance", "nan"],
+    "guidance-inf": ["--guidance", "inf"],
+    "sampler-unknown": ["--sampler", "nope"],
+    "height-33": ["--height", 33],
+    "height-0": ["--height", 0],
+    "lcm-more-steps-than-distilled": ["--sampler", "lcm", "--steps", 60],
+    "steps-over-train-timesteps": ["--steps", 2000],
+    "num-images-0": ["--num-images", 0],
+    "png-in-missing-folder": ["-o", "{tmp}/missing/x.png"],
+    "missing-output-folder": ["-o", "{tmp}/missing"],
+    "missing-prompt": None,
+    "missing-prompts-file": ["--prompts-file", "{tmp}/nope.txt"],
+    "empty-prompts-file": ["--prompts-file", "{tmp}/empty.txt"],
+    "unknown-model": ["--model", "{tmp}/no-such-model"],
+    "attention-chunk-0": ["--attention-chunk", 0],
+    "vae-tile-not-multiple": ["--vae-tile", 12],
+    "seed-too-large": ["--seed", 99999999999999999999],
+    "seed-negative": ["--seed", -1],
+    "size-beyond-memory": ["--height", 100000, "--width", 100000],
+    "unsupported-extension": ["-o", "{tmp}/x.gif"],
+    "output-png-is-a-folder": ["-o", "{tmp}/folder.png", "--overwrite"],
+}
