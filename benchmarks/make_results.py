@@ -289,7 +289,30 @@ def section_teacher_v2() -> str:
         out += ["\n### Learning curve\n",
                 "The run's checks (48 fresh prompts, 20 DDIM steps, guidance 4; noisier than the protocol above).\n"]
         out += _curve_table(r["learning_curve"])
+        out += _samples_needed(r["learning_curve"], best["all_correct"])
     return "\n".join(out) + "\n"
+
+
+def _samples_needed(curve: list[dict], protocol_all_correct: float, target: float = 0.6) -> list[str]:
+    """A log-linear fit of the checks' all-correct against samples seen, extrapolated to the bar: a projection."""
+    import math
+
+    pts = [(math.log10(c["samples"]), c["all_correct"]) for c in curve if c.get("samples") and c["all_correct"] > 0]
+    if len(pts) < 3:
+        return []
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    a = my - b * mx
+    if b <= 0:
+        return ["\nThe checks do not rise with samples yet: no projection."]
+    need = 10 ** ((target - a) / b)
+    last = max(c["samples"] for c in curve if c.get("samples"))
+    return [f"\nA straight line through the checks' all-correct against log10(samples) (slope {100 * b:.1f} points "
+            f"per tenfold samples) reaches {100 * target:.0f}% at about {need:,.0f} samples, "
+            f"{need / last:,.0f}x the {last:,} seen so far. It is an extrapolation of a few noisy checks, not a "
+            "promise: the protocol measures the weights above at "
+            f"{100 * protocol_all_correct:.1f}%, and curves like this one usually bend down as they rise."]
 
 
 COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
