@@ -101,8 +101,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own (e.g. `train decoder`'s OUT/vae), "
                                  "or a shipped one: shapes-vae-pruned (the channel-pruned Shapes VAE: less decode time)")
     p.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:N, mps")
-    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
-                                                 "usable cores less the load average)")
+    _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
@@ -112,6 +111,11 @@ def _add_generate(sub) -> None:
     tile.add_argument("--stream-unet", action="store_true",
                       help="keep only the running UNet block's weights in memory (read from disk every step)")
     p.set_defaults(func=cmd_generate)
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
+                                             "usable cores less those busy now)")
 
 
 def _read_prompts(args) -> list[str]:
@@ -401,8 +405,7 @@ def _add_bench(sub) -> None:
                    help="time every UNet block alone (ResNet, attention, samplers): a latency lookup table")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
-                                                 "usable cores less the load average)")
+    _add_threads(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -492,8 +495,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
-                                                 "usable cores less the load average)")
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -604,8 +606,7 @@ def _add_train(sub) -> None:
         p.set_defaults(func=cmd_train, train_fields=add_flags(p, TrainConfig, spec.defaults),
                        recipe_fields=add_flags(p, spec.config))
         p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-        p.add_argument("--threads", type=int, help="CPU threads (default: $POCKETDIFF_THREADS, else the cores free now: "
-                                                     "usable cores less the load average)")
+        _add_threads(p)
 
 
 def cmd_train(args) -> int:
