@@ -481,36 +481,37 @@ def section_onnx() -> str:
     return "\n".join(out)
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def section_bad_inputs() -> str:
-    r = _load("bad_inputs.json")
-    out = ["## Bad input to `generate` (issue 22)\n",
-           "Every case of `pocketdiff.testing.BAD_GENERATE_INPUTS` (the cases tests/test_cli.py checks) run as a user "
-           "would, on the shipped tiny-random model, by `python benchmarks/bad_inputs.py`: the exit code, how many "
-           "lines it printed, the message, and whether any file was left behind.\n"]
-    if not r:
-        return "\n".join(out) + _missing("python benchmarks/bad_inputs.py")
-    out += ["| case | exit | lines | traceback | files left | message |", "|---|---|---|---|---|---|"]
-    for x in r["rows"]:
-        msg = x["message"].replace("pocketdiff generate: error: ", "").replace("|", "\\|")
-        out.append(f"| {x['case']} | {x['exit']} | {x['lines']} | {'yes' if x['traceback'] else 'no'} | "
-                   f"{'yes' if x['wrote'] else 'no'} | {msg} |")
+    out, r = _section("Bad input to `generate` (issue 22)",
+                      "Every case of `pocketdiff.testing.BAD_GENERATE_INPUTS` (the cases tests/test_cli.py checks) run as "
+                      "a user would, on the shipped tiny-random model: the exit code, how many lines it printed, the "
+                      "message, and whether any file was left behind.", "bad_inputs.json",
+                      "python benchmarks/bad_inputs.py")
+    if r:
+        yes = {True: "yes", False: "no"}
+        out += _table(["case", "exit", "lines", "traceback", "files left", "message"],
+                      [[x["case"], x["exit"], x["lines"], yes[x["traceback"]], yes[x["wrote"]],
+                        x["message"].replace("pocketdiff generate: error: ", "").replace("|", "\\|")] for x in r["rows"]])
     return "\n".join(out) + "\n"
 
 
 def section_threads() -> str:
-    r = _load("threads.json")
-    out = ["## Threads on a shared CPU (issue 22)\n",
-           "One image of the default model (25 steps) per fresh `pocketdiff generate` process, the settings "
-           "interleaved, on an idle CPU and with a Python busy loop on one core (`python benchmarks/threads.py`). "
-           "`default` is pocketdiff's choice: the usable cores less those busy now.\n"]
-    if not r:
-        return "\n".join(out) + _missing("python benchmarks/threads.py")
-    out += ["| condition | setting | threads used | median s/image | max s/image | median slowest step ms |",
-            "|---|---|---|---|---|---|"]
-    for x in r["rows"]:
-        out.append(f"| {x['condition']} | {x['setting']} | {'/'.join(map(str, x['threads']))} | "
-                   f"{x['median_total_s']:.2f} | {x['max_total_s']:.2f} | {x['median_slowest_step_ms']:.0f} |")
-    return "\n".join(out) + f"\n\n_{r['runs']} runs per setting._\n"
+    out, r = _section("Threads on a shared CPU (issue 22)",
+                      "One image of the default model (25 steps) per fresh `pocketdiff generate` process, the settings "
+                      "interleaved, on an idle CPU and with a Python busy loop on one core. `default` is pocketdiff's "
+                      "choice: the usable cores less those busy now.", "threads.json", "python benchmarks/threads.py")
+    if r:
+        out += _table(["condition", "setting", "threads used", "median s/image", "max s/image",
+                       "median slowest step ms"],
+                      [[x["condition"], x["setting"], "/".join(map(str, x["threads"])), f"{x['median_total_s']:.2f}",
+                        f"{x['max_total_s']:.2f}", f"{x['median_slowest_step_ms']:.0f}"] for x in r["rows"]])
+        out.append(f"\n_{r['runs']} runs per setting._")
+    return "\n".join(out) + "\n"
 
 
 def section_plot() -> str:
