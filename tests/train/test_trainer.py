@@ -54,6 +54,7 @@ def test_checkpoint_layout_and_log(tmp_path):
     assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.old").exists()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 5] and all("mse" in r for r in records)
+    assert all(r["samples_per_s"] > 0 for r in records)  # throughput from the first log line on
 
 
 def test_no_resume_starts_over(tmp_path):

@@ -202,6 +202,7 @@ class Trainer:
         self.batches, self.monitor, self.after_step = batches, monitor, after_step
         self.step = 0
         self._elapsed_before, self._run_start = 0.0, 0.0  # wall time of earlier runs; this run's start
+        self._last_log = 0.0  # when the last log line was written (its samples_per_s covers the time since)
         self._checked_step = -1  # the step of the last monitor check
         self._stop = False
 
@@ -389,8 +390,12 @@ class Trainer:
         if self.step % cfg.log_every == 0 or self.step == cfg.steps:
             avg = {k: v / n for k, v in sums.items()}
             bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
+            now = time.time()
+            samples = n * cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
+            rate = samples / max(now - self._last_log, 1e-9)  # all processes together: a GPU run's throughput
+            self._last_log = now
             self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                       "elapsed_s": round(self.elapsed(), 1), **avg})
+                       "elapsed_s": round(self.elapsed(), 1), "samples_per_s": round(rate, 1), **avg})
             sums, n = {}, 0
         if self.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
@@ -408,7 +413,7 @@ class Trainer:
         self._start(resume)
         prev = signal.signal(signal.SIGTERM, self._request_stop)
         cfg = self.cfg
-        start = last_monitor = self._run_start = time.time()
+        start = last_monitor = self._run_start = self._last_log = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.out.name, unit="step",
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True, mininterval=2.0)
         sums: dict[str, float] = {}
