@@ -170,7 +170,8 @@ def cached_pool(out: Path, vae, n: int, seed: int, data=None) -> tuple[torch.Ten
         meta = cache_matches(meta_file, key)
         if meta is not None and pool_file.is_file():
             return load_file(str(pool_file))["latents"], meta["captions"]
-        latents, captions = encode_pool(vae, n, seed, data)
+        with on_device(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), vae):
+            latents, captions = encode_pool(vae, n, seed, data)  # on a GPU when there is one
         if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
             save_tensors({"latents": latents}, pool_file)
             write_text(meta_file, json.dumps({"key": key, "captions": captions}))
