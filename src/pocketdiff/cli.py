@@ -627,7 +627,7 @@ def cmd_train(args) -> int:
 
 # ---- data -------------------------------------------------------------------------------------
 def cmd_data_shapes(args) -> int:
-    from .data.shapes import write_dataset
+    from .data.shapes import write_dataset, write_shards
 
     if args.n < 1:
         raise PocketdiffError(f"--n must be >= 1, got {args.n}")
@@ -635,7 +635,13 @@ def cmd_data_shapes(args) -> int:
     if not out.parent.exists():
         raise PocketdiffError(f"{out.parent}: folder does not exist; create it first")
     try:
-        write_dataset(out, args.n, seed=args.seed, split=args.split, progress=not args.no_progress)
+        if args.format == "webdataset":
+            if args.shard_size < 1:
+                raise PocketdiffError(f"--shard-size must be >= 1, got {args.shard_size}")
+            write_shards(out, args.n, seed=args.seed, split=args.split, shard_size=args.shard_size,
+                         progress=not args.no_progress)
+        else:
+            write_dataset(out, args.n, seed=args.seed, split=args.split, progress=not args.no_progress)
     except FileExistsError:
         raise PocketdiffError(f"{out}: already exists and is not empty; choose another --out") from None
     print(f"wrote {args.n} image/caption pairs to {out}")
@@ -659,7 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
-    p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder layout: PNGs + metadata.jsonl)")
+    p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder: PNGs + metadata.jsonl, or tar shards)")
+    p.add_argument("--format", choices=("imagefolder", "webdataset"), default="imagefolder",
+                   help="imagefolder: PNGs + metadata.jsonl; webdataset: tar shards of png + txt")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (webdataset)")
     p.add_argument("--n", type=int, required=True, help="number of pairs")
     p.add_argument("--out", required=True, help="new folder to write")
     p.add_argument("--seed", type=int, default=0)

@@ -445,6 +445,38 @@ def write_dataset(
     return out_dir
 
 
+def write_shards(out_dir: str | os.PathLike, n: int, seed: int = 0, split: str = "train", shard_size: int = 1000,
+                 progress: bool = True) -> Path:
+    """Write the same ``n`` scenes as :func:`write_dataset` (same seed, same order) as webdataset tar shards
+    ``out_dir/shapes-00000.tar``, ... of ``shard_size`` samples, each ``{key}.png`` + ``{key}.txt``; atomic like it."""
+    import io
+
+    import webdataset as wds
+
+    from ..files import atomic_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    with atomic_folder(out_dir, overwrite=True) as tmp:
+        writer = None
+        for i in tqdm(range(n), desc=f"writing {out_dir.name}", disable=not progress):
+            if i % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                writer = wds.TarWriter(str(tmp / f"shapes-{i // shard_size:05d}.tar"))
+            scene = sample_scene(rng, split=split)
+            png = io.BytesIO()
+            Image.fromarray(render_into(image, scene)).save(png, format="PNG")
+            writer.write({"__key__": f"{i:06d}", "png": png.getvalue(), "txt": caption(scene)})
+        if writer is not None:
+            writer.close()
+    return out_dir
+
+
 # --------------------------------------------------------------------------- prompts outside the grammar
 
 
