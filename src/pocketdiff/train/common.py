@@ -71,6 +71,14 @@ def matching_schedule(teacher_config: dict, student_config: dict, student: str, 
     return schedule
 
 
+def process_device() -> torch.device:
+    """This process's own device (accelerate's: GPU k for rank k; the CPU without a GPU), for work done before the
+    trainer exists (caches); a bare "cuda" would put every rank on GPU 0."""
+    from accelerate import PartialState
+
+    return PartialState().device if torch.cuda.is_available() else torch.device("cpu")
+
+
 def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The dtype frozen modules (teacher, VAE, text encoder) run in: the mixed-precision dtype on a GPU (half the
     memory; they run under the trainer's autocast anyway), else None (float32, as loaded)."""
@@ -170,8 +178,8 @@ def cached_pool(out: Path, vae, n: int, seed: int, data=None) -> tuple[torch.Ten
         meta = cache_matches(meta_file, key)
         if meta is not None and pool_file.is_file():
             return load_file(str(pool_file))["latents"], meta["captions"]
-        with on_device(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), vae):
-            latents, captions = encode_pool(vae, n, seed, data)  # on a GPU when there is one
+        with on_device(process_device(), vae):
+            latents, captions = encode_pool(vae, n, seed, data)  # on this process's GPU when there is one
         if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
             save_tensors({"latents": latents}, pool_file)
             write_text(meta_file, json.dumps({"key": key, "captions": captions}))

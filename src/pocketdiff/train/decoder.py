@@ -225,12 +225,13 @@ def decoder_monitor(teacher, n: int):
 def generated_latents(out: Path, g, recipe: DecoderRecipe, seed: int) -> torch.Tensor | None:
     """The generator's own latents (cached in ``out``), made on the GPU when there is one; None when unused."""
     from ..pipeline import Pipeline
+    from .common import process_device
 
     if recipe.generated_fraction <= 0:
         return None
     pipe = Pipeline(g.unet, g.vae, g.text_encoder, g.tokenizer, g.scheduler_config, runner="eager")
     if torch.cuda.is_available():
-        pipe.to("cuda")
+        pipe.to(process_device())  # this rank's GPU
     generated = cached_generated(out, g.folder, pipe, recipe, seed)
     pipe.to("cpu")  # the generator is saved with the pruned VAE at the end; the GPU is the training's
     return generated

@@ -123,7 +123,7 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
 
     from ..data.shapes import caption, sample_scene
     from ..files import save_tensors, write_text
-    from .common import cache_matches
+    from .common import cache_matches, process_device
     from ..pipeline import Pipeline
 
     grid = student_grid(schedule, recipe.student_steps)
@@ -146,7 +146,7 @@ def cached_trajectories(out: Path, teacher_dir, recipe: StepRecipe, schedule: No
             if pipe is None:
                 pipe = Pipeline.from_folder(teacher_dir, runner="eager")
                 if torch.cuda.is_available():
-                    pipe.to("cuda")
+                    pipe.to(process_device())  # this rank's GPU
             per_call = chunk if pipe.device.type != "cpu" else 25
             xs = []
             for i in range(c0, min(c0 + chunk, recipe.n_pairs), per_call):  # image i uses seed + i
