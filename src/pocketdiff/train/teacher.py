@@ -1,14 +1,17 @@
-"""The Shapes teacher: a scaled-down SD-v1.5 UNet and a CLIP text encoder trained from scratch.
+"""The Shapes teacher: an SD-style UNet and a CLIP text encoder trained on a VAE's latents.
 
-Layout of the UNet follows SD-v1.5 (four stages, two ResNet layers per block, cross-attention
-transformer blocks at every stage but the last, a mid block), so BK-SDM's block removal and the other
-compact designs have real blocks to remove. The text encoder is a transformers ``CLIPTextModel`` over a
-CLIP-format tokenizer of the Shapes vocabulary, trained jointly with the UNet by the diffusion loss.
+The UNet keeps SD's block types (ResNet + Transformer2D blocks in down/up stages with skip connections, a mid
+block), so BK-SDM's block removal, KD's stage features and the compact presets apply to it. Two layouts
+(``TEACHER_UNETS``): v1, SD-v1.5's four stages scaled down (the first shipped teacher), and v2 (the default), three
+stages sized for the 16x16 latent by what v1's measurements showed (see ``SHAPES_UNET_V2``). The text encoder is a
+transformers ``CLIPTextModel`` over a CLIP-format tokenizer of the Shapes vocabulary, trained jointly with the UNet
+by the diffusion loss (``text_init_from`` starts it from a trained one).
 
-Recipe: v-prediction (Salimans & Ho 2022) with a plain v-MSE loss (min-SNR weighting, Hang et al. 2023, is an
-option, off by default: see ``TeacherRecipe.min_snr_gamma``), 10%
-caption dropout for classifier-free guidance, EMA, SD's scaled-linear 1000-step schedule. The VAE's
-latents of a pool of fresh renders are computed once (encoding on the fly would halve throughput).
+Recipe: v-prediction (Salimans & Ho 2022) with a v-MSE loss weighted ``1 + foreground_weight`` on object regions
+(min-SNR weighting, Hang et al. 2023, is an option, off by default: see ``TeacherRecipe.min_snr_gamma``), 10%
+caption dropout for classifier-free guidance, EMA, SD's scaled-linear 1000-step schedule. The VAE's latents of a
+pool of training images (``--data``; the Shapes stream by default) are computed once (encoding on the fly would
+halve throughput).
 """
 
 from __future__ import annotations
