@@ -1,9 +1,10 @@
 """Direct step distillation (SnapFusion, Li et al. 2023, sec. 4): a K-step student matched to the teacher's ODE.
 
 SnapFusion found *direct* distillation (the student's K-step sampler matched to the many-step teacher in one
-stage) better than progressive halving, and made the teacher's target CFG-aware: the teacher's trajectory is
-the classifier-free-guided one at scale ``guidance``, so the student bakes guidance in and runs one UNet call per
-step. Here, for a student grid t_0 > t_1 > ... > t_{K-1} (DDIM, trailing spacing: 999, 499 for K = 2):
+stage) better than progressive halving. This recipe is that direct distillation with one guidance scale baked in:
+the teacher's trajectory is the classifier-free-guided one at the fixed scale ``guidance``, so the student runs
+one UNet call per step. It is not SnapFusion's CFG-aware distillation, which also guides the *student* (a range
+of scales, applied with a probability) and mixes that loss with the plain one. Here, for a student grid t_0 > t_1 > ... > t_{K-1} (DDIM, trailing spacing: 999, 499 for K = 2):
 
   1. **Teacher trajectories** (once, cached in ``out_dir/trajectories``, resumable by chunk): for a caption and a
      seed, the teacher's guided DPM-Solver++(2M) solve from pure noise to a clean latent with ``teacher_substeps``
