@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import numpy as np
 
 import pytest
 import torch
@@ -209,3 +210,50 @@ def test_foreground_weight_zero_is_the_plain_kd_loss():
                        KDRecipe(foreground_weight=4.0, foreground_threshold=3.0))(model, _batches(3), 3)[1]
     assert plain == zero
     assert weighted["task"] != plain["task"] and weighted["feat_kd"] == plain["feat_kd"]
+
+
+def _recipe_worker(rank: int, world: int, port: int, out_dir: str, teacher: str, images: str) -> None:
+    """One rank of `train kd --data FOLDER` through run_recipe; records its cache work and its trained weights."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import pocketdiff.train.common as common
+    from pocketdiff.train.registry import run_recipe
+    from pocketdiff.train.trainer import TrainConfig
+
+    real_encode, real_export = common.encode_pool, common.export_model
+
+    def counted_encode(*a, **k):
+        with open(os.path.join(out_dir, f"encode-rank{rank}"), "a") as f:
+            f.write("1\n")
+        return real_encode(*a, **k)
+
+    def recorded_export(trainer, folder, card, components, init_from=""):
+        state = trainer.raw_model["unet"].state_dict()
+        with open(os.path.join(out_dir, f"weights-rank{rank}.json"), "w") as f:
+            json.dump({k: v.double().sum().item() for k, v in state.items()}, f)
+        return real_export(trainer, folder, card, components, init_from)
+
+    common.encode_pool, common.export_model = counted_encode, recorded_export
+    cfg = TrainConfig(out_dir=os.path.join(out_dir, "run"), steps=2, batch_size=2, lr=1e-2, warmup_steps=1,
+                      log_every=1, checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
+    run_recipe("kd", cfg, KDRecipe(student="bk-tiny", pool_size=4, data=images, resolution=16), teacher=teacher)
+
+
+@pytest.mark.slow  # two processes training end to end: CI's separate slow step
+def test_two_processes_train_kd_on_a_caption_folder_with_one_cache_and_one_writer(tmp_path, teacher_folder):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((24, 24, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a small red star {i}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_recipe_worker, args=(2, port, str(tmp_path), str(teacher_folder), str(images)), nprocs=2, join=True)
+    assert (tmp_path / "encode-rank0").is_file() and not (tmp_path / "encode-rank1").exists()  # built once
+    r0, r1 = (json.loads((tmp_path / f"weights-rank{r}.json").read_text()) for r in (0, 1))
+    assert all(r0[k] == pytest.approx(r1[k], abs=1e-6) for k in r0)  # identical replicas
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()  # written once, by rank 0

@@ -71,12 +71,21 @@ def matching_schedule(teacher_config: dict, student_config: dict, student: str, 
     return schedule
 
 
+def process_state():
+    """accelerate's per-process state, made as the Trainer's Accelerator makes it (``cpu=True`` without a GPU).
+
+    It is a process-wide singleton fixed by its first construction: a bare ``PartialState()`` made first on a CPU
+    machine decides "not distributed", after which ``main_process_first`` waits for no one (every rank built its
+    own cache) and the trainer's processes never synchronise."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def process_device() -> torch.device:
     """This process's own device (accelerate's: GPU k for rank k; the CPU without a GPU), for work done before the
     trainer exists (caches); a bare "cuda" would put every rank on GPU 0."""
-    from accelerate import PartialState
-
-    return PartialState().device if torch.cuda.is_available() else torch.device("cpu")
+    return process_state().device if torch.cuda.is_available() else torch.device("cpu")
 
 
 def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -165,7 +174,6 @@ def cached_pool(out: Path, vae, n: int, seed: int, data=None) -> tuple[torch.Ten
 
     With several processes the main one encodes and writes first; the others then read its file.
     """
-    from accelerate import PartialState
     from safetensors.torch import load_file
 
     from ..files import save_tensors, write_text
@@ -174,13 +182,14 @@ def cached_pool(out: Path, vae, n: int, seed: int, data=None) -> tuple[torch.Ten
     if data is not None and not data.is_shapes:  # the Shapes stream's key stays what it always was
         key["data"] = data.digest()
     pool_file, meta_file = out / "latent_pool.safetensors", out / "latent_pool.json"
-    with PartialState().main_process_first():
+    state = process_state()
+    with state.main_process_first():
         meta = cache_matches(meta_file, key)
         if meta is not None and pool_file.is_file():
             return load_file(str(pool_file))["latents"], meta["captions"]
         with on_device(process_device(), vae):
             latents, captions = encode_pool(vae, n, seed, data)  # on this process's GPU when there is one
-        if PartialState().is_main_process:  # the meta file names the pool's key: written after the pool
+        if state.is_main_process:  # the meta file names the pool's key: written after the pool
             save_tensors({"latents": latents}, pool_file)
             write_text(meta_file, json.dumps({"key": key, "captions": captions}))
     return latents, captions
