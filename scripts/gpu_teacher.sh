@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Continue the v2 teacher on a lent GPU for MINUTES (default 9), from the committed checkpoint, and bring the model
+# Continue the v2 teacher on a lent GPU for MINUTES (default 9), from the shipped v2 teacher, and bring the model
 # back under $OUT as tar parts of at most 15 MiB (the device tool returns <= 8 files of <= 16 MiB).
 #
 #   device run (carry .whl): bash scripts/gpu_teacher.sh 9
@@ -24,7 +24,7 @@ if [ "${TINY:-0}" = 1 ]; then  # the same path at CPU scale: a few steps, a smal
 else  # the H200: batch 512 in bf16, a fresh 200k-image pool, a check every 3 minutes
   SIZE=(--batch-size 512 --pool-size 200000 --mixed-precision bf16 --monitor-every-s 180)
 fi
-python3 -m pocketdiff train teacher --init-from "${INIT:-checkpoints/teacher-v2}" --lr 1e-3 --warmup-steps 100 \
+python3 -m pocketdiff train teacher --init-from "${INIT:-shapes-teacher}" --lr 1e-3 --warmup-steps 100 \
   --steps 100000 --max-minutes "$MINUTES" --checkpoint-every 500 --threads "${THREADS:-8}" "${SIZE[@]}" --out-dir "$RUN" \
   2>&1 | tr '\r' '\n' | tee "$OUT/train.log" | tail -40
 python3 - "$RUN/model" <<'PY'
