@@ -139,6 +139,12 @@ class FolderData(Dataset):
     """An image folder with ``metadata.jsonl`` (imagefolder) or a ``.txt`` caption beside each image."""
 
     def _index(self) -> list[tuple[Path, str | None]]:
+        """(image path, caption or None) rows, read from the folder once per dataset."""
+        if getattr(self, "_rows", None) is None:
+            self._rows = self._read_index()
+        return self._rows
+
+    def _read_index(self) -> list[tuple[Path, str | None]]:
         root = Path(self.source)
         meta = root / "metadata.jsonl"
         if meta.is_file():
