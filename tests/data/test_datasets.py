@@ -138,3 +138,23 @@ def test_both_written_layouts_hold_the_same_samples_as_the_stream_that_wrote_the
         got = list(open_dataset(source).samples(5, seed=0))
         assert {c for _, c in got} == set(want)
         assert all(np.array_equal(im, want[c]) for im, c in got)
+
+
+def test_captions_are_read_without_images_seeded_and_repeat_over_small_sources(imagefolder, shards):
+    folder = open_dataset(str(imagefolder))
+    caps = folder.captions(7, seed=1)
+    assert len(caps) == 7 and set(caps) <= {f"caption {i}" for i in range(4)} | {"broken"}
+    assert caps == folder.captions(7, seed=1) and caps != folder.captions(7, seed=2)
+    assert sorted(set(open_dataset(str(shards / "part-*.tar")).captions(6))) == sorted(
+        f"shard {s} {i}" for s in range(2) for i in range(3))
+    shapes = open_dataset("shapes").captions(3, seed=0)
+    assert len(shapes) == 3 and all(isinstance(c, str) and c for c in shapes)
+
+
+def test_a_source_without_any_caption_fails_in_one_line(tmp_path):
+    root = tmp_path / "nocap"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png(10))
+    data = FolderData(str(root))
+    with pytest.raises(PocketdiffError, match="no captions"):
+        data.captions(2)

@@ -1,5 +1,6 @@
-"""Image-caption data for the recipes, from three sources behind one interface (``--data`` on every recipe that
-pools latents: teacher, kd, lcm):
+"""Image-caption data for the recipes, from three sources behind one interface (``--data`` on every training
+recipe: teacher, kd and lcm pool its images' latents; step and decoder take its captions as the prompts of the
+teacher's generations, and decoder its images too):
 
 - ``shapes`` (the default): the procedural Shapes stream (docs/SHAPES.md), fresh scenes from a seed;
 - an image folder with captions: the Hugging Face ``imagefolder`` layout (images plus ``metadata.jsonl`` lines
@@ -111,6 +112,22 @@ class Dataset:
                 raise PocketdiffError(f"{self.source}: no readable image-caption pair ({dict(self.skipped)}); "
                                       "check the images and captions")
 
+    def _texts(self, rng: np.random.Generator) -> Iterator[str]:
+        """The captions of one pass over the source in a seeded order ("" where a sample has none)."""
+        raise NotImplementedError
+
+    def captions(self, n: int, seed: int = 0) -> list[str]:
+        """``n`` captions in a seeded order (no image is decoded), passing over the source as often as it takes:
+        the prompts of the recipes that learn from a teacher's generations (step, decoder)."""
+        rng = np.random.default_rng([seed, 0x7E47])
+        out: list[str] = []
+        while len(out) < n:
+            before = len(out)
+            out += [t for t in self._texts(rng) if t][:n - len(out)]
+            if len(out) == before:
+                raise PocketdiffError(f"{self.source}: no captions; add metadata.jsonl text or .txt files")
+        return out
+
 
 class ShapesData(Dataset):
     """The procedural Shapes stream: renders of fresh training-split scenes (64 px)."""
@@ -122,6 +139,13 @@ class ShapesData(Dataset):
         for i in range(0, n, 256):
             images, captions, _ = sample_batch(rng, min(256, n - i), split="train")
             yield from zip(images, captions)
+
+    def captions(self, n: int, seed: int = 0) -> list[str]:
+        """Captions of ``n`` fresh training-split scenes (no held-out pairs)."""
+        from .shapes import caption, sample_scene
+
+        rng = np.random.default_rng([seed, 4242])
+        return [caption(sample_scene(rng)) for _ in range(n)]
 
 
 def _open_image(data: bytes | Path):
@@ -176,6 +200,11 @@ class FolderData(Dataset):
             else:
                 yield _open_image(path), text
 
+    def _texts(self, rng: np.random.Generator) -> Iterator[str]:
+        rows = self._index()
+        for i in rng.permutation(len(rows)):
+            yield rows[i][1] or ""
+
 
 def _shard_urls(pattern: str) -> list[str]:
     import braceexpand
@@ -204,13 +233,16 @@ class ShardData(Dataset):
     def _files(self) -> list[Path]:
         return [Path(u) for u in _shard_urls(self.source)]
 
-    def _pairs(self, rng: np.random.Generator) -> Iterator[tuple[object, str]]:
+    def _stream(self, rng: np.random.Generator):
+        """The shards' samples (raw bytes by key), the shards in a seeded order."""
         import webdataset as wds
 
         urls = _shard_urls(self.source)
         order = [urls[i] for i in rng.permutation(len(urls))]
-        stream = wds.WebDataset(order, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
-        for sample in stream:
+        return wds.WebDataset(order, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
+
+    def _pairs(self, rng: np.random.Generator) -> Iterator[tuple[object, str]]:
+        for sample in self._stream(rng):
             key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
             text = _shard_caption(sample)
             if key is None:
@@ -219,6 +251,10 @@ class ShardData(Dataset):
                 yield "no caption", ""
             else:
                 yield _open_image(sample[key]), text
+
+    def _texts(self, rng: np.random.Generator) -> Iterator[str]:
+        for sample in self._stream(rng):
+            yield _shard_caption(sample) or ""
 
 
 def open_dataset(source: str = "shapes", resolution: int = 64, crop: str = "center", flip: bool = False) -> Dataset:
