@@ -51,14 +51,15 @@ def test_run_recipe_refuses_unknown_names_and_a_missing_teacher(tmp_path):
 def test_run_recipe_trains_a_library_callers_recipe_by_name(tmp_path, teacher_folder, train_cfg):
     from pocketdiff.train.kd import KDRecipe
 
-    out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1), KDRecipe(student="bk-tiny", pool_size=4),
+    out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1, monitor_every_s=1e-6), KDRecipe(student="bk-tiny", pool_size=4),
                      teacher=teacher_folder)
     assert (out / "model_index.json").is_file() and (out / "pocketdiff.json").is_file()
 
 
 @pytest.mark.slow  # an end-to-end training run: CI's separate slow step
 def test_kd_trains_on_an_image_folder_through_data(tmp_path, teacher_folder, train_cfg):
-    """--data: the pool is encoded from the user's images (keyed by their digest), not from Shapes renders."""
+    """--data: the pool is encoded from the user's images (keyed by their digest), not from Shapes renders; the
+    Shapes checker does not judge a model trained on other data (no monitor entries even with checks on)."""
     import json
 
     import numpy as np
@@ -71,10 +72,11 @@ def test_kd_trains_on_an_image_folder_through_data(tmp_path, teacher_folder, tra
     for i in range(3):
         Image.fromarray(np.full((20, 30, 3), 70 * i, np.uint8)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a red star {i}")
-    out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1),
+    out = run_recipe("kd", train_cfg(tmp_path / "run", steps=1, monitor_every_s=1e-6),
                      KDRecipe(student="bk-tiny", pool_size=4, data=str(images), resolution=16), teacher=teacher_folder)
     meta = json.loads((tmp_path / "run" / "latent_pool.json").read_text())
     assert "data" in meta["key"] and all(c.startswith("a red star") for c in meta["captions"])
+    assert "monitor" not in (tmp_path / "run" / "log.jsonl").read_text()
     assert (out / "model_index.json").is_file()
 
 

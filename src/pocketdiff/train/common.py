@@ -234,14 +234,20 @@ def check_summary(r: dict) -> dict:
 
 
 def sampling_check(vae, tokenizer, scheduler_config: dict, *, n: int, steps: int, sampler: str, guidance: float,
-                   text_encoder=None, unet: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m["unet"]):
+                   text_encoder=None, unet: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m["unet"],
+                   enabled: bool = True):
     """``monitor(step, model)``: ``n`` fresh prompts sampled with the model's (EMA) UNet and scored by the checker
     through :func:`~pocketdiff.eval.quality.evaluate` (:func:`check_summary`'s metrics).
 
     ``text_encoder``: a frozen one for recipes that do not train it (give a CPU copy: checks run on the CPU);
     None takes ``model["text_encoder"]``. ``unet`` picks (or builds, e.g. merges a LoRA) the UNet from the model.
+    ``enabled=False`` gives None (no monitor): recipes pass whether checks are on and the data is Shapes, since
+    the checker scores Shapes scenes only (on other data there is no best check and the last EMA weights export).
     """
     from ..eval.quality import evaluate
+
+    if not enabled:
+        return None
 
     def monitor(step: int, model) -> dict:
         text = text_encoder if text_encoder is not None else model["text_encoder"]

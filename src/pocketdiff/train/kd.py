@@ -215,7 +215,7 @@ def train_kd(cfg, teacher_dir, recipe: KDRecipe | None = None, resume: bool = Tr
     model = kd_model(student, t.unet)
     loss_fn = kd_loss(t.unet, model, t.text_encoder, t.schedule, recipe)
     monitor = sampling_check(t.vae, t.tokenizer, t.scheduler_config, n=48, steps=20, sampler="ddim", guidance=4.0,
-                             text_encoder=copy.deepcopy(t.text_encoder))  # a CPU copy: checks run on the CPU
+                             text_encoder=copy.deepcopy(t.text_encoder), enabled=data.is_shapes)  # a CPU copy: checks run on the CPU
     trainer = Trainer(cfg, model, loss_fn, latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed,
                                                           recipe.caption_dropout), monitor=monitor)
     device = trainer.accelerator.device

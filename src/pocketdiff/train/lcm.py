@@ -323,13 +323,13 @@ def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = 
     guidance = 1.0 if lora else (recipe.w_min + recipe.w_max) / 2
     monitor = sampling_check(t.vae, t.tokenizer, out_sched, n=recipe.monitor_n, steps=recipe.monitor_steps,
                              sampler="lcm", guidance=guidance, text_encoder=copy.deepcopy(t.text_encoder),  # CPU copy
-                             unet=lambda m: merge_lora(m["unet"]) if lora else m["unet"])
+                             unet=lambda m: merge_lora(m["unet"]) if lora else m["unet"], enabled=data.is_shapes)
     groups = [{"params": model["unet"].parameters()}]
     if disc is not None:
         groups.append({"params": disc.parameters(), "lr_scale": recipe.adv_lr_scale})
     trainer = Trainer(cfg, model, loss_fn,
                       latent_batches(latents, captions, t.tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
-                      monitor=monitor if cfg.monitor_every_s > 0 else None, params=groups,
+                      monitor=monitor, params=groups,
                       after_step=lambda step, m: update_target(m, target_decay))
     device = trainer.accelerator.device
     with on_device(device, t.unet, t.text_encoder, dtype=frozen_dtype(cfg, device)):

@@ -190,7 +190,7 @@ def train_teacher(cfg: TrainConfig, recipe: TeacherRecipe | None = None, resume:
                                      "text_encoder": initial_text_encoder(recipe, tokenizer)})
     schedule = NoiseSchedule.from_config(recipe.scheduler)
     monitor = sampling_check(vae, tokenizer, recipe.scheduler, n=recipe.monitor_n, steps=recipe.monitor_steps,
-                             sampler="ddim", guidance=recipe.monitor_guidance)
+                             sampler="ddim", guidance=recipe.monitor_guidance, enabled=data.is_shapes)
     trainer = Trainer(cfg, model, diffusion_loss(schedule, recipe.min_snr_gamma, recipe.foreground_weight,
                                                  recipe.foreground_threshold),
                       latent_batches(latents, captions, tokenizer, cfg.batch_size, cfg.seed, recipe.caption_dropout),
