@@ -94,6 +94,22 @@ def vae_loss(recipe: VAERecipe):
 
 
 @torch.no_grad()
+def reconstruct(vae, images: np.ndarray, encoder=None, batch: int = 64) -> np.ndarray:
+    """(N, H, W, 3) uint8 images through ``encoder`` (default: ``vae``; posterior mean) and ``vae``'s decoder."""
+    enc = encoder or vae
+    recon = []
+    for i in range(0, len(images), batch):
+        z = enc.encode(to_pixels(images[i:i + batch]).to(enc.device)).latent_dist.mode()
+        recon.append(to_uint8(vae.decode(z.to(vae.device)).sample))
+    return np.concatenate(recon)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between two uint8 image arrays."""
+    mse = ((a.astype(np.float64) - b) ** 2).mean()
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
+
+
 def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "all", encoder=None) -> dict:
     """Checker scores and PSNR of the VAE's reconstructions of ``n`` fresh renders (posterior mean).
 
@@ -102,15 +118,9 @@ def reconstruction_quality(vae, n: int = 256, seed: int = 12345, split: str = "a
 
     rng = np.random.default_rng(seed)
     images, _, scenes = sample_batch(rng, n, split=split)
-    recon = []
-    for i in range(0, n, 64):
-        enc = encoder or vae
-        z = enc.encode(to_pixels(images[i:i + 64]).to(enc.device)).latent_dist.mode()
-        recon.append(to_uint8(vae.decode(z.to(vae.device)).sample))
-    recon = np.concatenate(recon)
-    mse = ((recon.astype(np.float64) - images) ** 2).mean()
+    recon = reconstruct(vae, images, encoder)
     summary = aggregate([check(r, s) for r, s in zip(recon, scenes)])
-    return {"psnr": float(10 * np.log10(255**2 / max(mse, 1e-12))), "all_correct": summary["all_correct"],
+    return {"psnr": psnr(recon, images), "all_correct": summary["all_correct"],
             "colour": summary["colour"], "shape": summary["shape"], "size": summary["size"],
             "no_extra": summary["no_extra"], "background": summary["background"]}
 

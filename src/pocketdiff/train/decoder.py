@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..latents import to_pixels
-from .autoencoder import foreground_weights, reconstruction_quality, weighted_mean
+from .autoencoder import foreground_weights, psnr, reconstruct, reconstruction_quality, weighted_mean
 
 DEFAULT_TRAIN = dict(out_dir="runs/shapes-decoder", steps=2000, batch_size=16, lr=5e-4, warmup_steps=50,
                      log_every=50, checkpoint_every=200, monitor_every_s=180, ema_decay=0.999)
@@ -51,6 +51,11 @@ class DecoderRecipe:
     logvar_weight: float = 0.01  # weight of the MSE to the teacher's posterior log-variance
     monitor_n: int = 256  # fresh renders reconstructed and checked per monitor call
     final_check_n: int = 1000  # fresh renders checked at the end (OUT/vae/quality.json)
+    # the real images (and the generations' prompts): "shapes" (fresh renders every step), or an image folder or
+    # webdataset shards (see pocketdiff.data.datasets), of which pool_size images are fitted once and kept in memory
+    data: str = "shapes"
+    resolution: int = 64  # pixels of the real images and of the generations
+    pool_size: int = 2000  # real images kept from a folder or shards (the last monitor_n of them: the check's)
 
     def __post_init__(self):
         if not 0 < self.width <= 1:
@@ -62,6 +67,8 @@ class DecoderRecipe:
             raise ValueError(f"generated_fraction must be in [0, 1], got {self.generated_fraction}")
         if self.n_generated < 1 and self.generated_fraction > 0:
             raise ValueError("n_generated must be >= 1 when generated_fraction > 0")
+        if self.pool_size < 2 or self.monitor_n < 1:
+            raise ValueError(f"pool_size must be >= 2 and monitor_n >= 1, got {self.pool_size}, {self.monitor_n}")
 
 
 def pruned_config(config: dict, width: float, channels: list[int] | None = None) -> dict:
@@ -128,51 +135,55 @@ def generator_settings(folder: Path, recipe: DecoderRecipe) -> dict:
 
 
 @torch.no_grad()
-def generate_latents(pipe, n: int, settings: dict, seed: int, batch: int = 50) -> torch.Tensor:
-    """(n, C, h, w) *unscaled* latents (decoder inputs) sampled by ``pipe`` for training-split captions."""
+def generate_latents(pipe, captions: list[str], settings: dict, seed: int, resolution: int = 64,
+                     batch: int = 50) -> torch.Tensor:
+    """(n, C, h, w) *unscaled* latents (decoder inputs) sampled by ``pipe`` for ``captions`` at ``resolution``."""
     from tqdm import tqdm
 
-    from ..data.shapes import IMAGE_SIZE, sample_batch
     from ..pipeline import decoder_input
 
-    _, captions, _ = sample_batch(np.random.default_rng([seed, 99]), n, split="train")
     cfg = pipe.vae.config
     out = []
-    for i in tqdm(range(0, n, batch), desc="generated latents", unit="batch"):
-        res = pipe(captions[i:i + batch], seed=seed * 100_003 + i, output_type="latent", height=IMAGE_SIZE,
-                   width=IMAGE_SIZE, **settings)
+    for i in tqdm(range(0, len(captions), batch), desc="generated latents", unit="batch"):
+        res = pipe(captions[i:i + batch], seed=seed * 100_003 + i, output_type="latent", height=resolution,
+                   width=resolution, **settings)
         out.append(decoder_input(res.latents, cfg).cpu())
     return torch.cat(out).float()
 
 
-def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed: int) -> torch.Tensor:
-    """:func:`generate_latents` by ``pipe`` (``folder`` loaded), written atomically to ``out`` and reused for the
-    same UNet weights and settings."""
+def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed: int, data) -> torch.Tensor:
+    """:func:`generate_latents` by ``pipe`` (``folder`` loaded) for captions of ``data``, written atomically to
+    ``out`` and reused for the same UNet weights, settings and data."""
     from safetensors.torch import load_file
 
     from ..files import save_tensors, write_text
     from .common import cache_matches, weights_digest
 
     settings = generator_settings(folder, recipe)
-    key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings}
+    key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings,
+           "resolution": recipe.resolution, "data": "shapes" if data.is_shapes else data.digest()}
     path, meta = out / "generated_latents.safetensors", out / "generated_latents.json"
     if cache_matches(meta, key) is not None and path.is_file():
         return load_file(str(path))["latents"]
-    latents = generate_latents(pipe, recipe.n_generated, settings, seed)
+    latents = generate_latents(pipe, data.captions(recipe.n_generated, seed), settings, seed, recipe.resolution)
     save_tensors({"latents": latents}, path)
     write_text(meta, json.dumps({"key": key}))
     return latents
 
 
-def decoder_batches(generated: torch.Tensor | None, batch_size: int, fraction: float, seed: int):
-    """batches(step) -> {"pixels": fresh renders, "latents": generated latents}: a pure function of the step."""
+def decoder_batches(generated: torch.Tensor | None, batch_size: int, fraction: float, seed: int,
+                    pool: np.ndarray | None = None):
+    """batches(step) -> {"pixels": real images, "latents": generated latents}: a pure function of the step. The
+    real images are fresh Shapes renders, or drawn from ``pool`` ((N, H, W, 3) uint8) when given."""
     from ..data.shapes import sample_batch
 
     n_gen = 0 if generated is None else int(round(batch_size * fraction))
 
     def batches(step: int) -> dict:
         rng = np.random.default_rng([seed, step])
-        images, _, _ = sample_batch(rng, max(batch_size - n_gen, 1), split="train")
+        n_real = max(batch_size - n_gen, 1)
+        images = pool[rng.integers(0, len(pool), n_real)] if pool is not None else \
+            sample_batch(rng, n_real, split="train")[0]
         batch = {"pixels": to_pixels(images)}
         if n_gen:
             batch["latents"] = generated[torch.from_numpy(rng.integers(0, len(generated), n_gen))]
@@ -209,11 +220,32 @@ def decoder_loss(teacher, recipe: DecoderRecipe):
     return loss_fn
 
 
-def decoder_monitor(teacher, n: int):
-    """The checker on fresh renders: through the teacher's encoder and the pruned decoder (``all_correct``,
-    what text-to-image uses), and through the pruned VAE alone (``vae_all_correct``)."""
+def real_images(data, n: int, seed: int) -> np.ndarray | None:
+    """(n, H, W, 3) uint8 images of a folder or shards, fitted once; None for the Shapes stream (fresh renders)."""
+    if data.is_shapes:
+        return None
+    return np.stack([image for image, _ in data.samples(n, seed)])
+
+
+def decoder_quality(vae, teacher, n: int, seed: int, held: np.ndarray | None) -> dict:
+    """How the pruned ``vae`` reconstructs: on Shapes, the checker and PSNR on ``n`` fresh renders through the
+    teacher's encoder and the pruned decoder (``decoder``: what text-to-image uses) and through the pruned VAE
+    alone (``vae``); on other data, the PSNR of both on the ``held`` images."""
+    if held is None:
+        return {"decoder": reconstruction_quality(vae, n, seed=seed, encoder=teacher),
+                "vae": reconstruction_quality(vae, n, seed=seed)}
+    return {"decoder": {"psnr": psnr(reconstruct(vae, held, teacher), held)},
+            "vae": {"psnr": psnr(reconstruct(vae, held), held)}}
+
+
+def decoder_monitor(teacher, n: int, held: np.ndarray | None = None):
+    """:func:`decoder_quality` as monitor metrics: ``all_correct`` (Shapes) or ``psnr`` of the decoder path, and
+    the pruned VAE alone's (``vae_all_correct`` / ``vae_psnr``)."""
 
     def monitor(step: int, student) -> dict:
+        if held is not None:
+            q = decoder_quality(student, teacher, n, 0, held)
+            return {"psnr": q["decoder"]["psnr"], "vae_psnr": q["vae"]["psnr"]}
         dec = reconstruction_quality(student, n, encoder=teacher)
         full = reconstruction_quality(student, n)
         return {"all_correct": dec["all_correct"], "psnr": dec["psnr"], "shape": dec["shape"],
@@ -222,7 +254,7 @@ def decoder_monitor(teacher, n: int):
     return monitor
 
 
-def generated_latents(out: Path, g, recipe: DecoderRecipe, seed: int) -> torch.Tensor | None:
+def generated_latents(out: Path, g, recipe: DecoderRecipe, seed: int, data) -> torch.Tensor | None:
     """The generator's own latents (cached in ``out``), made on the GPU when there is one; None when unused."""
     from ..pipeline import Pipeline
     from .common import process_device
@@ -232,12 +264,13 @@ def generated_latents(out: Path, g, recipe: DecoderRecipe, seed: int) -> torch.T
     pipe = Pipeline(g.unet, g.vae, g.text_encoder, g.tokenizer, g.scheduler_config, runner="eager")
     if torch.cuda.is_available():
         pipe.to(process_device())  # this rank's GPU
-    generated = cached_generated(out, g.folder, pipe, recipe, seed)
+    generated = cached_generated(out, g.folder, pipe, recipe, seed, data)
     pipe.to("cpu")  # the generator is saved with the pruned VAE at the end; the GPU is the training's
     return generated
 
 
-def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: dict, teacher_dir: Path) -> Path:
+def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: dict, teacher_dir: Path,
+                  held: np.ndarray | None = None) -> Path:
     """``out/vae`` (the pruned VAE with its reconstruction report) and ``out/model`` (the generator with it)."""
     from ..folder import save_components
     from ..models.registry import model_card
@@ -246,9 +279,8 @@ def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: d
     vae_dir = out / "vae"
     final.save_pretrained(vae_dir, safe_serialization=True)
     n = recipe.final_check_n
-    quality = {"decoder": reconstruction_quality(final, n, seed=4242, encoder=teacher),
-               "vae": reconstruction_quality(final, n, seed=4242),
-               "teacher": reconstruction_quality(teacher, n, seed=4242)}
+    quality = {**decoder_quality(final, teacher, n, 4242, held),
+               "teacher": decoder_quality(teacher, teacher, n, 4242, held)["vae"]}
     channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
     width = recipe.width if not channels else sum(channels) / sum(teacher.config.block_out_channels)
     report = {**export_card(chosen), "width": width, "channels": list(final.config.block_out_channels),
@@ -265,11 +297,13 @@ def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: d
 def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume: bool = True) -> Path:
     """Prune and distil the VAE of ``teacher_dir``; writes ``out_dir/vae`` and ``out_dir/model`` (the generator
     model folder with the pruned VAE in place of its own)."""
+    from ..data.datasets import open_dataset
     from ..folder import load_vae
     from .common import frozen_dtype, load_teacher, on_device, start_run
     from .trainer import Trainer
 
     recipe = recipe or DecoderRecipe()
+    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
     teacher_dir = Path(teacher_dir)
     g = load_teacher(Path(recipe.generator) if recipe.generator else teacher_dir)
     teacher = load_vae(teacher_dir / "vae").eval().requires_grad_(False)
@@ -278,14 +312,17 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     out = start_run(cfg)
     channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
     student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
-    generated = generated_latents(out, g, recipe, cfg.seed)
+    pool = real_images(data, recipe.pool_size, cfg.seed)
+    n_held = 0 if pool is None else min(recipe.monitor_n, len(pool) // 2)
+    train_pool, held = (None, None) if pool is None else (pool[:len(pool) - n_held], pool[len(pool) - n_held:])
+    generated = generated_latents(out, g, recipe, cfg.seed, data)
     trainer = Trainer(cfg, student, decoder_loss(teacher, recipe),
-                      decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed),
-                      monitor=decoder_monitor(teacher, recipe.monitor_n) if cfg.monitor_every_s > 0 else None)
+                      decoder_batches(generated, cfg.batch_size, recipe.generated_fraction, cfg.seed, train_pool),
+                      monitor=decoder_monitor(teacher, recipe.monitor_n, held) if cfg.monitor_every_s > 0 else None)
     device = trainer.accelerator.device
     with on_device(device, teacher, dtype=frozen_dtype(cfg, device)):
         trainer.run(resume=resume)
     if not trainer.accelerator.is_main_process:
         return out / "model"
     final, chosen = trainer.final_model()
-    return write_decoder(out, final.cpu().eval(), teacher, g, recipe, chosen, teacher_dir)
+    return write_decoder(out, final.cpu().eval(), teacher, g, recipe, chosen, teacher_dir, held)
