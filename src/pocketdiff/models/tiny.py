@@ -43,3 +43,40 @@ def tiny_components(seed: int = 0, *, time_cond_proj_dim: int | None = None, pre
         prediction_type=prediction_type,
     )
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config)
+
+
+SD_WORDS = TINY_WORDS + "a photo of dog cat house tree car sky sea street portrait painting".split()
+
+
+def tiny_sd_components(seed: int = 0, *, prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion v1's layout at toy widths: the UNet's four stages (three CrossAttnDownBlock2D and
+    a DownBlock2D, two ResNets each, mirrored up with three), an 8x VAE with four blocks (128 px images -> 16x16x4
+    latents, SD's scaling factor), a 77-token CLIP text encoder and SD v1's PNDM scheduler config. Only the
+    widths (and the text encoder's depth) are tiny, ~3 MB in all: every recipe and export sees the structure of an
+    SD folder."""
+    tokenizer = build_clip_tokenizer(SD_WORDS, model_max_length=77)
+    torch.manual_seed(seed)
+    unet = unet_from_config(dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ))
+    torch.manual_seed(seed)
+    vae = vae_from_config(dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=128, scaling_factor=0.18215,
+    ))
+    torch.manual_seed(seed)
+    text_encoder = text_encoder_from_config(dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    ))
+    scheduler_config = dict(
+        _class_name="PNDMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+        clip_sample=False, prediction_type=prediction_type,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config)
