@@ -480,17 +480,24 @@ def cmd_bench(args) -> int:
 def _add_eval(sub) -> None:
     from .sampling import SAMPLERS
 
-    p = sub.add_parser("eval", help="Shapes quality: all-correct and per-attribute accuracy on fresh prompts")
+    p = sub.add_parser("eval", help="Shapes quality (all-correct and per-attribute accuracy on fresh prompts); with "
+                                    "--prompts, FID / IS / CLIP score on your prompts (local weights only)")
     p.add_argument("--model", default="default", help="model folder or shipped model name")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model card's, else 25)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model card's, else dpmpp_2m)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model card's, else 7.5)")
-    p.add_argument("--n", type=int, default=500, help="number of fresh prompts")
+    p.add_argument("--n", type=int, help="number of fresh prompts (default 500); with --prompts, the first N lines "
+                                        "(default: all)")
+    p.add_argument("--prompts", type=Path, help="a text file, one prompt per line: real-world metrics on these "
+                                                "instead of the Shapes checker")
+    p.add_argument("--reference", type=Path, help="with --prompts: a folder of real images for FID")
+    p.add_argument("--inception", type=Path, help="with --prompts: FID Inception-v3 weights (.safetensors) for FID "
+                                                  "and IS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--clip", default=None,
                    help="a domain-CLIP folder (`train clip` writes OUT/clip) for CLIP score and FD (default: the "
-                        "shipped shapes-clip if present, else n/a)")
+                        "shipped shapes-clip if present, else n/a); with --prompts, a transformers CLIP folder")
     p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own, or a shipped one (shapes-vae-pruned)")
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -504,11 +511,16 @@ def cmd_eval(args) -> int:
     from .models.registry import resolve_model
     from .pipeline import Pipeline
 
-    if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
+    if (args.n is not None and args.n < 1) or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise PocketdiffError("--n, --steps and --batch-size must be >= 1")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise PocketdiffError(f"--guidance must be a finite number, got {args.guidance}")
     _check_json_out(args.json, args.overwrite)
+    if args.prompts is not None:
+        return _eval_prompts(args)
+    if args.reference is not None or args.inception is not None:
+        raise PocketdiffError("--reference and --inception go with --prompts FILE (FID on your prompts)")
+    args.n = args.n or 500
     from .eval.clip import load_domain_clip
 
     clip = load_domain_clip(args.clip)
@@ -521,6 +533,40 @@ def cmd_eval(args) -> int:
         args.json.write_text(json.dumps(r, indent=2))
     print(MARKDOWN_HEADER)
     print(markdown_row(str(args.model), r))
+    print(chosen.line())
+    return 0
+
+
+def _eval_prompts(args) -> int:
+    """``eval --prompts``: FID / IS (with --inception, FID also needs --reference) and CLIP score (with a
+    transformers --clip folder) of one image per prompt; every input is checked before the model loads."""
+    from .eval.inception import load_inception
+    from .eval.realworld import (HFClip, generate_for_prompts, is_transformers_clip, read_prompts, realworld_metrics,
+                                 reference_images)
+    from .models.registry import resolve_model
+    from .pipeline import Pipeline
+
+    prompts = read_prompts(args.prompts)[:args.n]
+    if args.clip is not None and not is_transformers_clip(args.clip):
+        raise PocketdiffError(f"{args.clip}: not a transformers CLIP folder (config.json with model_type \"clip\")")
+    if args.reference is None and args.inception is None and args.clip is None:
+        raise PocketdiffError("--prompts needs a metric: --reference DIR --inception FILE (FID, IS) and/or --clip DIR")
+    inception = load_inception(args.inception) if (args.inception or args.reference) else None
+    reference = reference_images(args.reference) if args.reference is not None else None
+    clip = HFClip(args.clip) if args.clip is not None else None
+    pipe = Pipeline.from_folder(resolve_model(args.model), vae=args.vae)
+    chosen = pipe.settings(args.steps, args.sampler, args.guidance)
+    images, spi = generate_for_prompts(pipe, prompts, steps=chosen.steps, sampler=chosen.sampler,
+                                       guidance=chosen.guidance, seed=args.seed, batch_size=args.batch_size,
+                                       progress=not args.no_progress)
+    r = {"model": str(args.model), "prompts": str(args.prompts), "steps": chosen.steps, "sampler": chosen.sampler,
+         "guidance": chosen.guidance, "seconds_per_image": spi,
+         **realworld_metrics(images, prompts, reference=reference, inception=inception, clip=clip)}
+    if args.json is not None:
+        from .files import write_text
+
+        write_text(args.json, json.dumps(r, indent=2))
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     print(chosen.line())
     return 0
 
