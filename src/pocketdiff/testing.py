@@ -49,3 +49,14 @@ BAD_GENERATE_INPUTS: dict[str, list | None] = {
     "unsupported-extension": ["-o", "{tmp}/x.gif"],
     "output-png-is-a-folder": ["-o", "{tmp}/folder.png", "--overwrite"],
 }
+
+
+def write_tiny_sd(path) -> Path:
+    """A random-weight folder with Stable Diffusion v1's layout at toy widths (``models.tiny.tiny_sd_components``:
+    128 px, 77-token tokenizer, PNDM scheduler config): to try the SD commands without an SD download."""
+    from .folder import save_components
+    from .models.tiny import tiny_sd_components
+
+    c = tiny_sd_components(0)
+    save_components(Path(path), c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
+    return Path(path)

@@ -18,13 +18,9 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 200), 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    from pocketdiff.folder import save_components
-    from pocketdiff.models.tiny import tiny_sd_components
+    from pocketdiff.testing import write_tiny_sd
 
-    c = tiny_sd_components(0)
-    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    save_components(path, c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler_config"])
-    return path
+    return write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="module")
