@@ -212,8 +212,8 @@ def test_foreground_weight_zero_is_the_plain_kd_loss():
     assert weighted["task"] != plain["task"] and weighted["feat_kd"] == plain["feat_kd"]
 
 
-def _recipe_worker(rank: int, world: int, port: int, out_dir: str, teacher: str, images: str) -> None:
-    """One rank of `train kd --data FOLDER` through run_recipe; records its cache work and its trained weights."""
+def _recipe_worker(rank: int, world: int, port: int, out_dir: str, teacher: str, images: str, name: str) -> None:
+    """One rank of `train NAME --data FOLDER` through run_recipe; records its cache work and its trained weights."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -237,11 +237,16 @@ def _recipe_worker(rank: int, world: int, port: int, out_dir: str, teacher: str,
     common.encode_pool, common.export_model = counted_encode, recorded_export
     cfg = TrainConfig(out_dir=os.path.join(out_dir, "run"), steps=2, batch_size=2, lr=1e-2, warmup_steps=1,
                       log_every=1, checkpoint_every=100, monitor_every_s=0, ema_decay=0.0)
-    run_recipe("kd", cfg, KDRecipe(student="bk-tiny", pool_size=4, data=images, resolution=16), teacher=teacher)
+    from pocketdiff.train.lcm import LCMRecipe
+
+    recipe = KDRecipe(student="bk-tiny", pool_size=4, data=images, resolution=16) if name == "kd" else \
+        LCMRecipe(pool_size=4, data=images, resolution=16, num_ddim_timesteps=10)
+    run_recipe(name, cfg, recipe, teacher=teacher)
 
 
 @pytest.mark.slow  # two processes training end to end: CI's separate slow step
-def test_two_processes_train_kd_on_a_caption_folder_with_one_cache_and_one_writer(tmp_path, teacher_folder):
+@pytest.mark.parametrize("name", ["kd", "lcm"])
+def test_two_processes_train_on_a_caption_folder_with_one_cache_and_one_writer(tmp_path, teacher_folder, name):
     from PIL import Image
 
     images = tmp_path / "images"
@@ -252,7 +257,8 @@ def test_two_processes_train_kd_on_a_caption_folder_with_one_cache_and_one_write
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_recipe_worker, args=(2, port, str(tmp_path), str(teacher_folder), str(images)), nprocs=2, join=True)
+    mp.spawn(_recipe_worker, args=(2, port, str(tmp_path), str(teacher_folder), str(images), name), nprocs=2,
+             join=True)
     assert (tmp_path / "encode-rank0").is_file() and not (tmp_path / "encode-rank1").exists()  # built once
     r0, r1 = (json.loads((tmp_path / f"weights-rank{r}.json").read_text()) for r in (0, 1))
     assert all(r0[k] == pytest.approx(r1[k], abs=1e-6) for k in r0)  # identical replicas

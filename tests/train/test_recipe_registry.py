@@ -80,13 +80,39 @@ def test_kd_trains_on_an_image_folder_through_data(tmp_path, teacher_folder, tra
     assert (out / "model_index.json").is_file()
 
 
-def test_an_empty_data_folder_fails_in_one_line_before_any_model_loads(tmp_path, teacher_folder, capsys,
-                                                                        monkeypatch):
+def _bad_data(root, kind: str) -> str:
+    """A data source that cannot train anything, of one kind."""
+    folder = root / kind
+    folder.mkdir()
+    if kind == "no-captions":
+        (folder / "a.png").write_bytes(b"")  # an image path with no caption beside it
+    elif kind == "corrupt-only":
+        (folder / "a.png").write_bytes(b"not a png")
+        (folder / "a.txt").write_text("a red star")
+    elif kind == "wrong-layout":
+        (folder / "notes.txt").write_text("captions without images")
+    elif kind == "a-file":
+        (folder / "data.csv").write_text("file_name,text")
+        return str(folder / "data.csv")
+    elif kind == "no-shards":
+        return str(folder / "{000..003}.tar")
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("empty", "no images with captions"), ("no-captions", "no readable image-caption pair"),
+    ("corrupt-only", "no readable image-caption pair"), ("wrong-layout", "no images with captions"),
+    ("a-file", "not a data source"), ("no-shards", "matches no tar shard")])
+@pytest.mark.parametrize("recipe", ["kd", "lcm", "teacher", "step", "decoder"])
+def test_a_bad_data_source_fails_in_one_line_before_any_model_loads(tmp_path, teacher_folder, capsys, monkeypatch,
+                                                                    recipe, kind, match):
     import pocketdiff.train.common as common
     from pocketdiff.testing import run_cli
 
     monkeypatch.setattr(common, "load_teacher", lambda *_: pytest.fail("the teacher was loaded"))
-    (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(["train", "kd", "--teacher", str(teacher_folder), "--data",
-                            str(tmp_path / "empty"), "--out-dir", str(tmp_path / "run")], capsys)
-    assert code == 2 and "no images with captions" in err and err.strip().count("\n") == 0
+    teacher = [] if recipe == "teacher" else ["--teacher", str(teacher_folder)]
+    student = ["--student", str(teacher_folder)] if recipe == "step" else []
+    code, _, err = run_cli(["train", recipe, *teacher, *student, "--data", _bad_data(tmp_path, kind),
+                            "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and match in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "run").exists()

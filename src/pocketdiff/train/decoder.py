@@ -153,21 +153,25 @@ def generate_latents(pipe, captions: list[str], settings: dict, seed: int, resol
 
 def cached_generated(out: Path, folder: Path, pipe, recipe: DecoderRecipe, seed: int, data) -> torch.Tensor:
     """:func:`generate_latents` by ``pipe`` (``folder`` loaded) for captions of ``data``, written atomically to
-    ``out`` and reused for the same UNet weights, settings and data."""
+    ``out`` and reused for the same UNet weights, settings and data. With several processes the main one
+    generates and writes first; the others then read its file."""
     from safetensors.torch import load_file
 
     from ..files import save_tensors, write_text
-    from .common import cache_matches, weights_digest
+    from .common import cache_matches, process_state, weights_digest
 
     settings = generator_settings(folder, recipe)
     key = {"unet_sha256": weights_digest(pipe.unet), "n": recipe.n_generated, "seed": seed, **settings,
            "resolution": recipe.resolution, "data": "shapes" if data.is_shapes else data.digest()}
     path, meta = out / "generated_latents.safetensors", out / "generated_latents.json"
-    if cache_matches(meta, key) is not None and path.is_file():
-        return load_file(str(path))["latents"]
-    latents = generate_latents(pipe, data.captions(recipe.n_generated, seed), settings, seed, recipe.resolution)
-    save_tensors({"latents": latents}, path)
-    write_text(meta, json.dumps({"key": key}))
+    state = process_state()
+    with state.main_process_first():
+        if cache_matches(meta, key) is not None and path.is_file():
+            return load_file(str(path))["latents"]
+        latents = generate_latents(pipe, data.captions(recipe.n_generated, seed), settings, seed, recipe.resolution)
+        if state.is_main_process:  # the meta file names the cache's key: written after the latents
+            save_tensors({"latents": latents}, path)
+            write_text(meta, json.dumps({"key": key}))
     return latents
 
 
