@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import PocketdiffError, PromptTruncatedWarning
+from .images import IMAGE_FORMATS, image_metadata, save_image
 
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
@@ -146,7 +147,6 @@ def _slug(text: str, n: int = 40) -> str:
     return s[:n].rstrip("-") or "unconditional"
 
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 MAX_SEED = 2**63 - 1  # torch's and numpy's generators take seeds up to this
 
 
@@ -186,31 +186,6 @@ def _output_paths(output: str, prompts: list[str], num_images: int, seed: int, o
         if p.exists() and not overwrite:
             raise PocketdiffError(f"{p}: already exists; pass --overwrite or choose another -o")
     return paths
-
-
-def save_image(image, path: Path, meta: dict) -> None:
-    """Write atomically (temp file + rename) in the format of the path's extension, with the generation parameters:
-    PNG text chunks (one per field, plus all of them as JSON in "parameters"), the JPEG comment, WebP's EXIF
-    ImageDescription."""
-    from PIL import Image, PngImagePlugin
-
-    from .files import atomic_file
-
-    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
-    params = json.dumps(meta)
-    with atomic_file(path) as tmp:
-        if fmt == "PNG":
-            info = PngImagePlugin.PngInfo()
-            for k, v in meta.items():
-                info.add_text(k, "" if v is None else str(v))
-            info.add_text("parameters", params)
-            image.save(tmp, format="PNG", pnginfo=info)
-        elif fmt == "JPEG":
-            image.save(tmp, format="JPEG", quality=95, comment=params.encode())
-        else:
-            exif = Image.Exif()
-            exif[270] = params  # ImageDescription
-            image.save(tmp, format="WEBP", quality=95, exif=exif.tobytes())
 
 
 def _torch_device(name: str):
@@ -292,7 +267,6 @@ def cmd_generate(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import __version__
     from .models.registry import resolve_model
 
     prompts = _read_prompts(args)
@@ -320,11 +294,8 @@ def cmd_generate(args) -> int:
         text_s, decode_s = text_s + result.timings.text_encoder, decode_s + result.timings.decoder
         unet_steps += result.timings.unet_steps
         for (k, prompt), image in zip(batch, result.images):
-            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k,
-                    "steps": chosen.steps, "sampler": chosen.sampler, "guidance": chosen.guidance,
-                    "model": str(args.model), "width": image.width, "height": image.height,
-                    "generator": f"pocketdiff {__version__}"}
-            save_image(image, paths[k], meta)
+            save_image(image, paths[k], image_metadata(prompt, args.negative_prompt, args.seed + k, chosen,
+                                                       str(args.model), image))
     bar.close()
     total, written = time.perf_counter() - t0, len(jobs)
     per_step = statistics.median(unet_steps) if unet_steps else 0.0
