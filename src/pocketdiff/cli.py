@@ -188,53 +188,13 @@ def _output_paths(output: str, prompts: list[str], num_images: int, seed: int, o
     return paths
 
 
-def _torch_device(name: str):
-    """``--device`` as a torch.device, checked against what this torch can reach."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise PocketdiffError(f"--device {name}: not a device pocketdiff runs on; use cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PocketdiffError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; drop --device, or "
-                              "install a CUDA build of torch on a machine with one")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise PocketdiffError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PocketdiffError(f"--device {name}: MPS (Apple GPU) is not available here; drop --device")
-    return device
-
-
 def _load_generator(args, folder: Path):
-    """The pipeline ``generate`` runs: the ONNX export with --backend onnxruntime, else the torch folder (with
-    --vae, tiling and --device); every flag that does not fit the backend is refused before the load."""
-    from .export import read_manifest
-    from .pipeline import Pipeline
+    """The pipeline ``generate`` runs (:func:`pocketdiff.loader.load_generator` with the command's flags)."""
+    from .loader import load_generator
 
-    manifest = read_manifest(folder)
-    if args.backend == "onnxruntime":
-        if manifest is None or manifest.get("format") != "onnx":
-            raise PocketdiffError(f"{folder}: not an ONNX export; create one with: pocketdiff export {args.model} "
-                                  "--format onnx -o DIR, then pass --model DIR")
-        if args.attention_chunk is not None or args.vae_tile is not None or args.stream_unet or args.vae or \
-                args.device != "cpu":
-            raise PocketdiffError("--vae, --device and the model-level tiling flags apply to the torch backend only")
-        from .backends.onnxruntime import load_onnx_pipeline
-
-        return load_onnx_pipeline(folder, manifest, threads=args.threads)
-    if manifest is not None:
-        hint = "run it with --backend onnxruntime" if manifest.get("format") == "onnx" else \
-            "run it with its own runtime on the device"
-        raise PocketdiffError(f"{folder}: is a {manifest.get('format')} export, not a model folder; {hint}")
-    device = _torch_device(args.device)  # checked before the model loads
-    if device.type != "cpu" and args.stream_unet:
-        raise PocketdiffError("--stream-unet reads UNet blocks from disk into CPU memory; drop it or --device")
-    pipe = Pipeline.from_folder(folder, trust_pickle=args.trust_pickle, runner=args.runner, vae=args.vae)
-    pipe.enable_tiling(attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
-    return pipe.to(device) if device.type != "cpu" else pipe
+    return load_generator(folder, args.model, backend=args.backend, device=args.device, vae=args.vae,
+                          runner=args.runner, trust_pickle=args.trust_pickle, threads=args.threads,
+                          attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
 
 
 def _warn_outside_grammar(folder: Path, prompts: list[str]) -> None:
