@@ -1,4 +1,4 @@
-"""The ``pocketdiff`` command: generate, models, bench, train, eval, quantize, export and data (each a small
+"""The ``pocketdiff`` command: generate, models, bench, train, eval, quantize, export, serve and data (each a small
 function that parses, calls the library and prints).
 
 Errors the user can fix print one line (``pocketdiff <cmd>: error: ...``) and exit 2, never a traceback.
@@ -640,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_quantize(sub)
     _add_export(sub)
+    from .serve.cli import add_serve
+
+    add_serve(sub, _add_threads)
     data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
                                                                                       parser_class=_Parser)
     p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder: PNGs + metadata.jsonl, or tar shards)")
