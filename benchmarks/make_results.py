@@ -531,6 +531,28 @@ def section_threads() -> str:
     return "\n".join(out) + "\n"
 
 
+def section_serve() -> str:
+    out, r = _section("`pocketdiff serve` under load (issue 27)",
+                      "A live server (uvicorn, loopback) with the model loaded once; clients are threads with their own "
+                      "connection sending one-image requests (distinct seeds) back to back; micro-batching on and off "
+                      "interleaved by round in one run. Then an overload: a small queue and many more clients, no "
+                      "retries: only 200s and 429s may come back.", "serve_load.json", "python benchmarks/serve_load.py")
+    if r:
+        out += _table(["setting", "requests", "failures", "images/s", "p50 s", "p95 s", "mean images per UNet batch"],
+                      [[x["setting"], x["requests"], x["failures"], f"{x['images_per_s']:.1f}", f"{x['p50_s']:.3f}",
+                        f"{x['p95_s']:.3f}", f"{x['mean_batch']:.1f}"] for x in r["rows"]])
+        on, off = (next(x for x in r["rows"] if x["setting"] == k) for k in ("batching on", "batching off"))
+        o = r["overload"]
+        out.append(f"\n_{r['model']} ({r['sampler']}, {r['steps']} steps), {r['concurrency']} concurrent clients, "
+                   f"{r['threads']} thread(s) ({r['threads_why']}); {r['rounds']} rounds. Micro-batching: "
+                   f"{on['images_per_s'] / off['images_per_s']:.2f}x the throughput, "
+                   f"{off['p50_s'] / on['p50_s']:.2f}x lower median latency._\n")
+        out.append(f"Overload: {o['requests']} requests from {o['clients']} clients against a queue of {o['queue']}: "
+                   f"answers {o['status_counts']}, server alive after: {'yes' if o['alive_after'] else 'no'}, peak "
+                   f"RSS {o['vm_hwm_mb_before']:.0f} -> {o['vm_hwm_mb_after']:.0f} MB.")
+    return "\n".join(out) + "\n"
+
+
 def section_plot() -> str:
     """The quality-vs-latency plot over every Shapes comparison, redrawn here (needs matplotlib: the bench extra)."""
     import plot_quality_latency as plq
@@ -558,7 +580,7 @@ def main() -> int:
              section_comparison("kd"), section_comparison("lcm"), section_comparison("lcm-ablation"),
              section_comparison("lcm-students"), section_comparison("two-step"), section_comparison("two-step-fast"),
              section_plot(), section_comparison("quant"), section_compact(), section_tiling(), section_onnx(),
-             section_threads(), section_bad_inputs()]
+             section_threads(), section_bad_inputs(), section_serve()]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'docs' / 'RESULTS.md'}")

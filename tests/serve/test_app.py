@@ -82,9 +82,8 @@ def test_the_same_seed_gives_the_same_image_alone_or_in_a_batch(serve):
 @pytest.fixture(scope="module")
 def shared(tiny_pipe):
     """One server for the bad-input table."""
-    from conftest import LiveServer
-
     from pocketdiff.serve.app import create_app
+    from pocketdiff.testing import LiveServer
 
     with LiveServer(create_app(Engine(tiny_pipe, "tiny"))) as live:
         yield live

@@ -7,8 +7,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
-from pocketdiff.testing import run_cli
+from pocketdiff.testing import free_port, run_cli
 
 
 @pytest.mark.parametrize("argv, match", [

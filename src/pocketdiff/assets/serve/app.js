@@ -73,7 +73,8 @@ $("form").addEventListener("submit", async (ev) => {
                                                       body: JSON.stringify(body)});
     const answer = await r.json();
     if (!r.ok) { $("status").textContent = "error: " + answer.error.message; return; }
-    answer.data.forEach((d, i) => addResult(d.b64_json, body, i, (performance.now() - t0) / 1000));
+    const seconds = (performance.now() - t0) / 1000;
+    answer.data.map((d, i) => [d, i]).reverse().forEach(([d, i]) => addResult(d.b64_json, body, i, seconds));
     $("status").textContent = "done";
   } catch (e) {
     $("status").textContent = "error: " + e;
