@@ -1,7 +1,12 @@
+import os
+import tempfile
 import warnings
 
 import pytest
 import torch
+
+# --backend auto caches ONNX exports: the tests' go to a scratch folder of this run, never the user's cache
+os.environ["POCKETDIFF_CACHE"] = tempfile.mkdtemp(prefix="pocketdiff-test-cache-")
 
 warnings.filterwarnings("ignore")
 # Tiny models: one thread is as fast, and avoids OpenMP oversubscription when other jobs share the CPU.

@@ -12,11 +12,16 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_
 __version__ = "0.1.0"
 
 
-def load_pipeline(path="default", **kwargs):
-    """Load a local diffusers-format model folder (or a shipped model by name); see :mod:`pocketdiff.pipeline`."""
-    from .pipeline import load_pipeline as _load
+def load_pipeline(path="default", *, backend="auto", **kwargs):
+    """Load a local diffusers-format model folder (or a shipped model by name, or an ONNX export folder); see
+    :mod:`pocketdiff.pipeline` for the call. ``backend``: "auto" (onnxruntime through an ONNX export made once per
+    model and cached, unless an option needs torch), "torch" (torch modules: what fine-tuning and ``pipe.to(...)``
+    need) or "onnxruntime"; other keywords: those of :func:`pocketdiff.loader.load_generator` (``vae``,
+    ``device``, ``runner``, ``trust_pickle``, ``threads``, tiling)."""
+    from .loader import load_generator
+    from .models.registry import resolve_model
 
-    return _load(path, **kwargs)
+    return load_generator(resolve_model(path), str(path), backend=backend, **kwargs)
 
 
 __all__ = ["load_pipeline", "__version__"]

@@ -77,6 +77,12 @@ def maybe_reexec_with_jemalloc(argv: list[str]) -> None:
 
 
 # ---- generate ---------------------------------------------------------------------------------
+BACKEND_HELP = ("auto (default): onnxruntime through an ONNX export made once per model and cached (first use: "
+                "a note and the export's progress), torch where the call needs it (--device, --vae, tiling, "
+                "--runner, int8 folders, another size); torch; onnxruntime: a folder written by `pocketdiff "
+                "export --format onnx`")
+
+
 def _add_generate(sub) -> None:
     from .sampling import SAMPLERS
 
@@ -104,8 +110,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:N, mps")
     _add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="onnxruntime: run a folder written by `pocketdiff export --format onnx`")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto", help=BACKEND_HELP)
     tile = p.add_argument_group("model-level tiling (lower peak memory)")
     tile.add_argument("--attention-chunk", type=int, help="compute attention this many queries at a time")
     tile.add_argument("--vae-tile", type=int, help="decode in overlapping tiles of this many pixels")
@@ -194,7 +199,8 @@ def _load_generator(args, folder: Path):
 
     return load_generator(folder, args.model, backend=args.backend, device=args.device, vae=args.vae,
                           runner=args.runner, trust_pickle=args.trust_pickle, threads=args.threads,
-                          attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet)
+                          attention_chunk=args.attention_chunk, vae_tile=args.vae_tile, stream_unet=args.stream_unet,
+                          size=(args.height, args.width))
 
 
 def _warn_outside_grammar(folder: Path, prompts: list[str]) -> None:
@@ -261,6 +267,7 @@ def cmd_generate(args) -> int:
     per_step = statistics.median(unet_steps) if unet_steps else 0.0
     print(f"wrote {written} image(s): {paths[0]}{' ...' if written > 1 else ''}")
     print(chosen.line())
+    print(f"backend: {pipe.backend} ({pipe.backend_why})")
     slowest = max(unet_steps) if unet_steps else 0.0  # a stall (a busy CPU) shows here, not in the median
     print(f"timing: load {load_s:.2f} s | text encoder {text_s:.3f} s | UNet {per_step * 1000:.1f} ms/step (slowest "
           f"{slowest * 1000:.1f}) x {chosen.steps} x {len(batches)} batch(es) | decoder {decode_s:.3f} s | total "
@@ -430,6 +437,7 @@ def _add_eval(sub) -> None:
                    help="a domain-CLIP folder (`train clip` writes OUT/clip) for CLIP score and FD (default: the "
                         "shipped shapes-clip if present, else n/a); with --prompts, a transformers CLIP folder")
     p.add_argument("--vae", help="a VAE folder to decode with instead of the model's own, or a shipped one (shapes-vae-pruned)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto", help=BACKEND_HELP)
     p.add_argument("--json", type=Path, help="write the full summary here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true")
@@ -439,8 +447,6 @@ def _add_eval(sub) -> None:
 
 def cmd_eval(args) -> int:
     from .eval.quality import MARKDOWN_HEADER, evaluate, markdown_row
-    from .models.registry import resolve_model
-    from .pipeline import Pipeline
 
     if (args.n is not None and args.n < 1) or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise PocketdiffError("--n, --steps and --batch-size must be >= 1")
@@ -455,7 +461,9 @@ def cmd_eval(args) -> int:
     from .eval.clip import load_domain_clip
 
     clip = load_domain_clip(args.clip)
-    pipe = Pipeline.from_folder(resolve_model(args.model), vae=args.vae)
+    from .data.shapes import IMAGE_SIZE
+
+    pipe = _eval_pipeline(args, IMAGE_SIZE)  # the Shapes checker scores 64 px renders
     chosen = pipe.settings(args.steps, args.sampler, args.guidance)
     r = evaluate(pipe, n=args.n, steps=chosen.steps, sampler=chosen.sampler, guidance=chosen.guidance, seed=args.seed,
                  batch_size=args.batch_size, progress=not args.no_progress, clip=clip)
@@ -468,14 +476,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_pipeline(args, size: int | None = None):
+    """The model ``eval`` samples (``size``: the pixels it generates at; None: the model's own)."""
+    from .loader import load_generator
+    from .models.registry import resolve_model
+
+    return load_generator(resolve_model(args.model), args.model, backend=args.backend, vae=args.vae,
+                          threads=args.threads, size=(size, size))
+
+
 def _eval_prompts(args) -> int:
     """``eval --prompts``: FID / IS (with --inception, FID also needs --reference) and CLIP score (with a
     transformers --clip folder) of one image per prompt; every input is checked before the model loads."""
     from .eval.inception import load_inception
     from .eval.realworld import (HFClip, generate_for_prompts, is_transformers_clip, read_prompts, realworld_metrics,
                                  reference_images)
-    from .models.registry import resolve_model
-    from .pipeline import Pipeline
 
     prompts = read_prompts(args.prompts)[:args.n]
     if args.clip is not None and not is_transformers_clip(args.clip):
@@ -485,7 +500,7 @@ def _eval_prompts(args) -> int:
     inception = load_inception(args.inception) if (args.inception or args.reference) else None
     reference = reference_images(args.reference) if args.reference is not None else None
     clip = HFClip(args.clip) if args.clip is not None else None
-    pipe = Pipeline.from_folder(resolve_model(args.model), vae=args.vae)
+    pipe = _eval_pipeline(args)
     chosen = pipe.settings(args.steps, args.sampler, args.guidance)
     images, spi = generate_for_prompts(pipe, prompts, steps=chosen.steps, sampler=chosen.sampler,
                                        guidance=chosen.guidance, seed=args.seed, batch_size=args.batch_size,

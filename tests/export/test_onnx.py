@@ -125,7 +125,7 @@ def test_cli_export_bad_input(tiny_folder, exported, tmp_path, capsys):
         ["export", tiny_folder, "-o", tmp_path / "o4", "--opset", 9],
         ["export", tiny_folder, "-o", tmp_path / "o5", "--format", "tflite"],
         ["generate", "x", "--model", tiny_folder, "--backend", "onnxruntime", "-o", tmp_path / "o6.png"],
-        ["generate", "x", "--model", exported, "-o", tmp_path / "o7.png"],
+        ["generate", "x", "--model", exported, "--backend", "torch", "-o", tmp_path / "o7.png"],
     ]
     for argv in cases:
         _one_line(*run_cli(argv, capsys)[::2])

@@ -34,13 +34,15 @@ def exporter(fmt: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-def export_model(src: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False, **options) -> dict:
-    """Export the model folder ``src`` into the new folder ``out``; returns the manifest."""
+def export_model(src: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False, parts: dict | None = None,
+                 **options) -> dict:
+    """Export the model folder ``src`` into the new folder ``out``; returns the manifest. ``parts``: its components
+    when the caller has loaded them already."""
     from ..folder import atomic_folder, load_components
 
     export = exporter(fmt)
     src = Path(src)
-    parts = load_components(src)
+    parts = parts if parts is not None else load_components(src)
     with atomic_folder(out, overwrite=overwrite) as tmp:
         manifest = export(parts, tmp, **options)
         manifest = {"format": fmt, "source": src.name, **manifest}

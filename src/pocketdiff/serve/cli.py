@@ -14,8 +14,9 @@ API_KEY_ENV = "POCKETDIFF_API_KEY"
 def add_serve(sub, add_threads) -> None:
     p = sub.add_parser("serve", help="a local image server: OpenAI images API, a web page, metrics, micro-batching")
     p.add_argument("--model", default="default", help="model folder, ONNX export or shipped model name")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="onnxruntime: serve a folder written by `pocketdiff export --format onnx`")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto (default): onnxruntime through a cached ONNX export of the model (made on first use), "
+                        "torch where it is needed; torch; onnxruntime: a folder written by `pocketdiff export`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (another than loopback needs --api-key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help=f"Bearer token required on /v1/ routes (default: ${API_KEY_ENV})")
@@ -80,7 +81,7 @@ def cmd_serve(args) -> int:
     pipe = load_generator(folder, args.model, backend=args.backend, threads=args.threads)
     name = Path(folder).name if args.model == "default" or Path(args.model).exists() else args.model
     app = create_app(Engine(pipe, name), cfg)
-    print(f"serving {name} on http://{args.host}:{args.port}/ ({args.backend}, {args.threads} thread(s); "
+    print(f"serving {name} on http://{args.host}:{args.port}/ ({pipe.backend}: {pipe.backend_why}; {args.threads} thread(s); "
           f"batches of up to {cfg.max_batch}; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
