@@ -408,7 +408,10 @@ def cmd_bench(args) -> int:
         print(pipe.settings().line() + " (the UNet row is one step of this guidance)", file=sys.stderr)
         rows = measure.bench_pipeline(pipe, resolution=args.resolution, batch=args.batch, runs=args.runs,
                                       warmup=args.warmup)
+    peak = measure.gemm_peak()
+    rows = measure.with_peak(rows, peak)
     print(measure.format_table(rows))
+    print(f"fp32 GEMM peak here: {peak['gflops']:.1f} GFLOP/s ({peak['size']}^2 matmul, {peak['threads']} thread(s))")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -137,3 +137,12 @@ def test_peak_memory_sampling_fallback(monkeypatch):
         return t.sum()
 
     assert peak_memory_mb(hold_100mb) >= 80
+
+
+def test_gemm_peak_and_the_share_of_it_a_row_reaches():
+    from pocketdiff.bench.measure import gemm_peak, with_peak
+
+    peak = gemm_peak(sizes=(64, 128), runs=2)
+    assert peak["gflops"] > 0 and peak["size"] in (64, 128) and peak["threads"] >= 1
+    rows = with_peak([{"macs": 5e9, "median_ms": 100.0}], {"gflops": 200.0})
+    assert rows[0]["gflops"] == 100.0 and rows[0]["peak_pct"] == 50.0  # 2 x 5 GMAC in 0.1 s = 100 GFLOP/s

@@ -7,6 +7,8 @@ The numbers a CPU text-to-image model is judged by, measured the same way for ev
   counted without memory or compute (build it under ``accelerate.init_empty_weights()``).
 * ``time_call``: wall-clock median / min / max over repeated calls after a warm-up.
 * ``peak_memory_mb``: the peak resident memory a call adds on top of what the process already holds.
+* ``gemm_peak``: this machine's fp32 matrix-multiply rate (GFLOP/s) in this process, at its thread count: the
+  ceiling a component's achieved rate (``with_peak``: 2 x MACs / median time) is set against.
 
 ``component_call`` builds the example inputs of one component kind ("unet", "vae", "text_encoder"),
 ``bench_component`` turns a module into one JSON-serialisable result row and ``bench_pipeline`` rows for
@@ -262,6 +264,30 @@ def bench_pipeline(pipe, *, resolution: int | None = None, batch: int = 1, runs:
     ]
 
 
+# ---- against the machine's limit ---------------------------------------------------------------
+def gemm_peak(sizes: tuple[int, ...] = (512, 1024, 2048), runs: int = 5) -> dict:
+    """The best median fp32 GFLOP/s of square ``torch.mm`` over ``sizes`` (2 n^3 FLOPs each), at the current
+    thread count: what a dense, cache-friendly kernel reaches here."""
+    best = {"gflops": 0.0, "size": 0}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        ms = time_call(lambda: torch.mm(a, b), runs=runs, warmup=2)["median_ms"]
+        gflops = 2 * n**3 / (ms / 1000) / 1e9
+        if gflops > best["gflops"]:
+            best = {"gflops": round(gflops, 2), "size": n}
+    return {**best, "threads": torch.get_num_threads()}
+
+
+def with_peak(rows: list[dict], peak: dict) -> list[dict]:
+    """Each row with its achieved GFLOP/s (2 x MACs per median call) and its share of ``peak``."""
+    out = []
+    for r in rows:
+        gflops = 2 * r["macs"] / (r["median_ms"] / 1000) / 1e9 if r["median_ms"] > 0 else 0.0
+        out.append({**r, "gflops": round(gflops, 2), "peak_gflops": peak["gflops"],
+                    "peak_pct": round(100 * gflops / peak["gflops"], 1) if peak["gflops"] else None})
+    return out
+
+
 # ---- reports --------------------------------------------------------------------------------
 _COLUMNS = (  # header, row -> text, right-aligned
     ("name", lambda r: str(r["name"]), False),
@@ -274,6 +300,8 @@ _COLUMNS = (  # header, row -> text, right-aligned
     ("min ms", lambda r: f"{r['min_ms']:.1f}", True),
     ("max ms", lambda r: f"{r['max_ms']:.1f}", True),
     ("peak MB", lambda r: f"{r['peak_mb']:.1f}", True),
+    ("GFLOP/s", lambda r: f"{r['gflops']:.1f}" if "gflops" in r else "-", True),
+    ("% GEMM peak", lambda r: f"{r['peak_pct']:.0f}" if r.get("peak_pct") is not None else "-", True),
 )
 
 
