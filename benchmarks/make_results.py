@@ -556,20 +556,48 @@ def section_serve() -> str:
 def section_peak() -> str:
     out, r = _section("Against the machine's limit (issue 26)",
                       "Each component's achieved rate (2 x MACs counted by FlopCounterMode over the median call) "
-                      "against this machine's fp32 GEMM peak (the best of square torch.mm at 512-2048, measured "
-                      "in the same process before and after the rows, at the same threads), on torch.",
+                      "against this machine's fp32 GEMM peak (the best of square torch.mm and onnxruntime MatMul at "
+                      "512-2048, measured in the same process before and after the rows, at the same threads), on "
+                      "torch. SD-scale target: >= 85% on the default path.",
                       "peak.json", "python benchmarks/peak_share.py")
     if r:
         out += _table(["model", "component", "res", "GMACs", "median ms", "GFLOP/s", "% of GEMM peak"],
                       [[x["name"], x["component"], x["resolution"], f"{x['macs'] / 1e9:.3f}", f"{x['median_ms']:.1f}",
                         f"{x['gflops']:.1f}", f"{x['peak_pct']:.0f}"] for x in r["rows"]])
         pk = r["peak"]
-        out.append(f"\n_GEMM peak {pk['gflops']:.1f} GFLOP/s (before {pk['before']['gflops']:.1f}, after "
-                   f"{pk['after']['gflops']:.1f}); {r['threads']} thread(s) ({r['threads_why']}). The UNet row is one "
-                   "step of the card's guidance (a CFG batch of 2 where it guides); SD-v1.5's is a CFG batch of 2 "
-                   "at 512 px. The small Shapes components are far from the peak: their layers (8-192 channels at "
-                   "16x16 and below) are too small for a GEMM kernel to reach its rate, which is what the ONNX "
-                   "path's fused kernels recover (see the onnxruntime section)._")
+        out.append(f"\n_GEMM peak {pk['gflops']:.1f} GFLOP/s (before {pk['before']['gflops']:.1f} by "
+                   f"{pk['before'].get('by', 'torch.mm')}, after {pk['after']['gflops']:.1f}); {r['threads']} "
+                   f"thread(s) ({r['threads_why']}). The UNet row is one step of the card's guidance (a CFG batch of "
+                   "2 where it guides); SD-v1.5's is a CFG batch of 2 at 512 px, on torch: the default path would "
+                   "run it on onnxruntime through an export of its 3.4 GB of fp32 weights, not measured yet, so the "
+                   "85% target is open. The small Shapes components are far from the peak at batch 1: their layers "
+                   "(8-192 channels at 16x16 and below) are too small for a GEMM kernel to reach its rate; the next "
+                   "section shows the UNet step's share at batch 8 and on onnxruntime._")
+    return "\n".join(out) + "\n"
+
+
+def section_default_vs_diffusers() -> str:
+    out, r = _section("Default path vs diffusers, same run (issue 26)",
+                      "Seconds per image of pocketdiff's default path (`--backend auto`: onnxruntime through the "
+                      "cached export) against diffusers' StableDiffusionPipeline with the same folder, scheduler "
+                      "(the card's sampler), steps and guidance, interleaved in one process; and one UNet step of "
+                      "each with the same inputs against the fp32 GEMM peak. Targets: >= 3x at batch 1, >= 2x at "
+                      "batch 8.", "default_vs_diffusers.json", "python benchmarks/default_vs_diffusers.py")
+    if r:
+        out += _table(["model", "batch", "sampler, steps", "pocketdiff s/image", "diffusers s/image", "speedup",
+                       "UNet step torch ms (% peak)", "UNet step onnxruntime ms (% peak)", "UNet ceiling vs torch"],
+                      [[x["model"], x["batch"], f"{x['sampler']}, {x['steps']}", f"{x['pocketdiff_s_per_image']:.3f}",
+                        f"{x['diffusers_s_per_image']:.3f}", f"{x['speedup']:.2f}x",
+                        f"{x['unet_ms_torch']:.1f} ({x['unet_peak_pct_torch']:.0f}%)",
+                        f"{x['unet_ms_onnxruntime']:.1f} ({x['unet_peak_pct_onnxruntime']:.0f}%)",
+                        f"{x['ceiling_vs_torch']:.2f}x"] for x in r["rows"]])
+        pk = r["gemm_peak"]
+        out.append(f"\n_GEMM peak {pk['gflops']:.1f} GFLOP/s ({pk.get('by', 'torch.mm')}, {pk['size']}^2); "
+                   f"{r['threads']} thread(s) ({r['threads_why']}). 'UNet ceiling vs torch' is peak / torch's UNet "
+                   "rate: the most any kernel doing the same MACs could gain on the step that dominates both "
+                   "pipelines. Where it is below the target, the target cannot be met by a faster runtime alone, "
+                   "only by computing less (fewer steps, a smaller UNet, no CFG batch)._")
+    return "\n".join(out) + "\n"
     return "\n".join(out) + "\n"
 
 
@@ -600,7 +628,7 @@ def main() -> int:
              section_comparison("kd"), section_comparison("lcm"), section_comparison("lcm-ablation"),
              section_comparison("lcm-students"), section_comparison("two-step"), section_comparison("two-step-fast"),
              section_plot(), section_comparison("quant"), section_compact(), section_tiling(), section_onnx(),
-             section_threads(), section_bad_inputs(), section_serve(), section_peak()]
+             section_threads(), section_bad_inputs(), section_serve(), section_peak(), section_default_vs_diffusers()]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'docs' / 'RESULTS.md'}")
