@@ -102,3 +102,34 @@ def test_recipe_distils_towards_the_teacher_and_writes_a_model(teacher_folder, t
     # the generated latents are cached: a rerun with the same generator and settings does not sample again
     monkeypatch.setattr(decoder, "generate_latents", lambda *a, **k: pytest.fail("regenerated the latents"))
     train_decoder(train_cfg(tmp_path / "run", steps=40, batch_size=4), teacher_folder, recipe)
+
+
+def test_tiny_arch_distils_a_taesd_style_decoder_that_generates_and_exports(teacher_folder, train_cfg, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from pocketdiff.export import export_model
+    from pocketdiff.folder import load_components
+    from pocketdiff.pipeline import Pipeline
+    from pocketdiff.train.decoder import tiny_vae, train_decoder
+
+    recipe = DecoderRecipe(arch="tiny", tiny_channels=16, n_generated=4, generator_steps=2, generator_sampler="ddim",
+                           generator_guidance=2.0, monitor_n=4, final_check_n=8)
+    out = train_decoder(train_cfg(tmp_path / "run", steps=40, batch_size=4, lr=3e-3), teacher_folder, recipe,
+                        resume=False)
+    teacher = load_components(teacher_folder)["vae"].eval()
+    vae = load_components(out)["vae"].eval()
+    assert isinstance(vae, AutoencoderTiny) and list(vae.config.decoder_block_out_channels) == [16, 16]
+    assert vae.config.scaling_factor == teacher.config.scaling_factor
+    z = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = teacher.decode(z).sample
+        before = (tiny_vae(teacher, 16).decode(z).sample - target).abs().mean()
+        after = (vae.decode(z).sample - target).abs().mean()
+    assert after < 0.8 * before
+    card = json.loads((out / "pocketdiff.json").read_text())
+    assert "TAESD-style AutoencoderTiny (16 channels per block)" in card["description"]
+    assert json.loads((tmp_path / "run" / "vae" / "quality.json").read_text())["arch"] == "tiny"
+    res = Pipeline.from_folder(out, runner="eager")("a red star", steps=2, sampler="ddim", height=64, width=64)
+    assert res.images[0].size == (64, 64)
+    manifest = export_model(out, tmp_path / "onnx", "onnx")
+    assert manifest["components"]["vae_decoder"]["parity"]["max_abs"] < 1e-3

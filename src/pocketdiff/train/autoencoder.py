@@ -93,13 +93,19 @@ def vae_loss(recipe: VAERecipe):
     return loss_fn
 
 
+def encode_mean(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The latents an encoder gives for ``pixels``: AutoencoderKL's posterior mean, AutoencoderTiny's output."""
+    out = vae.encode(pixels)
+    return out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+
+
 @torch.no_grad()
 def reconstruct(vae, images: np.ndarray, encoder=None, batch: int = 64) -> np.ndarray:
     """(N, H, W, 3) uint8 images through ``encoder`` (default: ``vae``; posterior mean) and ``vae``'s decoder."""
     enc = encoder or vae
     recon = []
     for i in range(0, len(images), batch):
-        z = enc.encode(to_pixels(images[i:i + batch]).to(enc.device)).latent_dist.mode()
+        z = encode_mean(enc, to_pixels(images[i:i + batch]).to(enc.device))
         recon.append(to_uint8(vae.decode(z.to(vae.device)).sample))
     return np.concatenate(recon)
 

@@ -14,6 +14,9 @@ Here:
 - :func:`inherit_sliced`: the student starts from the teacher's first channels of every tensor. Keeping
   the same leading channels everywhere keeps residual streams consistent, and with groups scaled by
   ``width`` every kept GroupNorm group is one of the teacher's groups, whole.
+- ``--arch tiny`` (:func:`tiny_vae`): in place of the pruned AutoencoderKL, a TAESD-style diffusers
+  ``AutoencoderTiny`` (plain ReLU conv blocks, no attention or GroupNorm), trained from scratch with the same
+  loss; its encoder is matched to the teacher's posterior mean.
 - the loss: decoder outputs matched to the teacher decoder's (object-weighted L1 + L2) on a mix of
   generated latents (:func:`cached_generated`, made once by a model folder's own sampler) and posterior
   samples of fresh renders; encoder posterior mean (and, lightly, log-variance) matched by MSE.
@@ -37,6 +40,11 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-decoder", steps=2000, batch_size=16, l
 
 @dataclass
 class DecoderRecipe:
+    # "pruned": the teacher's AutoencoderKL with its channels cut (SnapFusion), started from the teacher's slices;
+    # "tiny": a TAESD-style diffusers AutoencoderTiny (tiny_channels per block, ReLU conv blocks, no attention,
+    # no GroupNorm) trained from scratch by the same data distillation
+    arch: str = "pruned"
+    tiny_channels: int = 64  # arch tiny: channels of every encoder and decoder block (TAESD: 64)
     width: float = 0.5  # fraction of every block's channels kept (SnapFusion: 0.5)
     channels: str = ""  # or explicit channels per block, e.g. "32,32,64" (each at most the teacher's; overrides width)
     generator: str = ""  # model folder whose generations are the distillation latents ("" = the teacher folder)
@@ -58,6 +66,9 @@ class DecoderRecipe:
     pool_size: int = 2000  # real images kept from a folder or shards (the last monitor_n of them: the check's)
 
     def __post_init__(self):
+        if self.arch not in ("pruned", "tiny") or self.tiny_channels < 1:
+            raise ValueError(f"arch must be pruned or tiny and tiny_channels >= 1, got {self.arch!r}, "
+                             f"{self.tiny_channels}")
         if not 0 < self.width <= 1:
             raise ValueError(f"width must be in (0, 1], got {self.width}")
         if self.channels and not all(c.strip().isdigit() and int(c) > 0 for c in self.channels.split(",")):
@@ -123,6 +134,35 @@ def prune_vae(teacher, width: float, channels: list[int] | None = None):
     student = AutoencoderKL(**pruned_config(dict(teacher.config), width, channels))
     inherit_sliced(student, teacher)
     return student
+
+
+def tiny_vae(teacher, channels: int = 64):
+    """A TAESD-style ``AutoencoderTiny`` for the teacher's latents: as many blocks as the teacher has (so the same
+    down/upsampling factor), ``channels`` each, TAESD's block counts (encoder 1, 3, 3, ...; decoder ..., 3, 3, 1),
+    the teacher's scaling and shift factors (it takes and gives the teacher's unscaled latents, so pipelines divide
+    by the scaling factor as for the teacher)."""
+    from diffusers import AutoencoderTiny
+
+    n = len(teacher.config.block_out_channels)
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(channels,) * n, decoder_block_out_channels=(channels,) * n,
+                           num_encoder_blocks=(1,) + (3,) * (n - 1), num_decoder_blocks=(3,) * (n - 1) + (1,),
+                           latent_channels=teacher.config.latent_channels,
+                           scaling_factor=teacher.config.scaling_factor,
+                           shift_factor=getattr(teacher.config, "shift_factor", None) or 0.0)
+
+
+def student_vae(teacher, recipe: DecoderRecipe):
+    """The decoder student of ``recipe.arch`` (a width that does not fit fails here, before any other work)."""
+    if recipe.arch == "tiny":
+        return tiny_vae(teacher, recipe.tiny_channels)
+    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
+    return prune_vae(teacher, recipe.width, channels)
+
+
+def vae_channels(vae) -> list[int]:
+    cfg = vae.config
+    return list(getattr(cfg, "block_out_channels", None) or cfg.decoder_block_out_channels)
 
 
 def generator_settings(folder: Path, recipe: DecoderRecipe) -> dict:
@@ -214,9 +254,13 @@ def decoder_loss(teacher, recipe: DecoderRecipe):
         loss = l1 + recipe.l2_weight * l2
         logs = {"l1": float(l1), "l2": float(l2)}
         if recipe.encoder_weight > 0:
-            s_post = student.encode(x).latent_dist
-            enc = (s_post.mean - t_post.mean).pow(2).mean()
-            enc = enc + recipe.logvar_weight * (s_post.logvar - t_post.logvar).pow(2).mean()
+            s_out = student.encode(x)
+            if hasattr(s_out, "latent_dist"):  # AutoencoderKL: mean and log-variance of the posterior
+                s_post = s_out.latent_dist
+                enc = (s_post.mean - t_post.mean).pow(2).mean()
+                enc = enc + recipe.logvar_weight * (s_post.logvar - t_post.logvar).pow(2).mean()
+            else:  # AutoencoderTiny: one latent, matched to the teacher's posterior mean
+                enc = (s_out.latents - t_post.mean).pow(2).mean()
             loss = loss + recipe.encoder_weight * enc
             logs["encoder"] = float(enc)
         return loss, logs
@@ -285,14 +329,15 @@ def write_decoder(out: Path, final, teacher, g, recipe: DecoderRecipe, chosen: d
     n = recipe.final_check_n
     quality = {**decoder_quality(final, teacher, n, 4242, held),
                "teacher": decoder_quality(teacher, teacher, n, 4242, held)["vae"]}
-    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
-    width = recipe.width if not channels else sum(channels) / sum(teacher.config.block_out_channels)
-    report = {**export_card(chosen), "width": width, "channels": list(final.config.block_out_channels),
+    channels = vae_channels(final)
+    width = sum(channels) / sum(teacher.config.block_out_channels)
+    report = {**export_card(chosen), "arch": recipe.arch, "width": width, "channels": channels,
               "teacher": str(teacher_dir), "generator": str(g.folder), "recipe": asdict(recipe), "quality": quality}
     (vae_dir / "quality.json").write_text(json.dumps(report, indent=2))
     card = {**model_card(g.folder), "vae": {k: v for k, v in report.items() if k != "recipe"}}
-    card["description"] = f"{card.get('description', g.folder.name)}; VAE pruned to channels " \
-                          f"{list(final.config.block_out_channels)} by data distillation"
+    what = f"pruned to channels {channels}" if recipe.arch == "pruned" else \
+        f"replaced by a TAESD-style AutoencoderTiny ({channels[0]} channels per block)"
+    card["description"] = f"{card.get('description', g.folder.name)}; VAE {what} by data distillation"
     save_components(out / "model", g.unet, final, g.text_encoder, g.tokenizer, g.scheduler_config, overwrite=True,
                     extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
     return out / "model"
@@ -314,8 +359,7 @@ def train_decoder(cfg, teacher_dir, recipe: DecoderRecipe | None = None, resume:
     if dict(g.vae.config)["latent_channels"] != teacher.config.latent_channels:
         raise ValueError(f"{g.folder}: its latents do not fit the VAE of {teacher_dir}")
     out = start_run(cfg)
-    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
-    student = prune_vae(teacher, recipe.width, channels).train()  # first: a width that does not fit fails at once
+    student = student_vae(teacher, recipe).train()
     pool = real_images(data, recipe.pool_size, cfg.seed)
     n_held = 0 if pool is None else min(recipe.monitor_n, len(pool) // 2)
     train_pool, held = (None, None) if pool is None else (pool[:len(pool) - n_held], pool[len(pool) - n_held:])
