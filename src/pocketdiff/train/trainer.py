@@ -49,6 +49,10 @@ class TrainConfig:
     # a monitor metric, higher is better (e.g. "all_correct"): every check that beats the best so far keeps
     # its EMA weights in out_dir/best, and the recipe exports those instead of the last ones ("": off)
     keep_best: str = ""
+    # SnapFusion's robust training: each ResNet / transformer block of the trained UNet skipped with this
+    # probability per optimizer step (0: off), so the result can be evaluated with blocks removed
+    skip_prob: float = 0.0
+    skip_blocks: str = "all"  # which blocks may be skipped: all | attention | resnet | comma-separated name prefixes
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -63,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.keep_best and self.monitor_every_s <= 0:
             raise ValueError("keep_best needs the monitor: set monitor_every_s > 0")
+        if not 0.0 <= self.skip_prob < 1.0:
+            raise ValueError(f"skip_prob must be in [0, 1), got {self.skip_prob}")
 
 
 class EMA:
@@ -186,9 +192,16 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         # step_scheduler_with_optimizer=False: our LambdaLR counts optimizer steps, not samples, so it must
         # not be stepped once per process (accelerate's default would run it N times too fast under DDP).
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from ..models.skipping import StochasticSkipper
+
+        # a skipped block's parameters get no gradient that step: DDP must not wait for them
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.skip_prob > 0 else []
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
         self.raw_model = model
+        self.skipper = StochasticSkipper(model, cfg.skip_prob, cfg.skip_blocks, cfg.seed)
         if cfg.gradient_checkpointing:
             for m in model.modules():
                 if hasattr(m, "enable_gradient_checkpointing"):
@@ -366,7 +379,7 @@ class Trainer:
             # each process draws its own batches; a pure function of (step, micro-batch, rank) keeps resume exact
             index = (self.step * n + k) * acc.num_processes + acc.process_index
             batch = to_device(self.batches(index), acc.device)
-            with contextlib.nullcontext() if k == n - 1 else acc.no_sync(self.model):
+            with contextlib.nullcontext() if k == n - 1 else acc.no_sync(self.model), self.skipper.step(self.step):
                 loss, terms = self.model(batch, self.step)
                 acc.backward(loss / n if n > 1 else loss)
             for name, v in {"loss": float(loss.detach()), **terms}.items():
