@@ -9,7 +9,7 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_
            "DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY"):
     _os.environ.setdefault(_k, "1")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402  (after the offline environment above)
 
 
 def load_pipeline(path="default", *, backend="auto", **kwargs):

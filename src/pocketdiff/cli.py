@@ -644,7 +644,7 @@ def cmd_data_shapes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = _Parser(prog="pocketdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pocketdiff {__version__}")

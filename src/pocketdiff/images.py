@@ -12,7 +12,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 def image_metadata(prompt: str, negative_prompt: str | None, seed: int, chosen, model: str, image) -> dict:
     """The fields every written image carries: prompt, seed, sampling settings (``chosen``: SamplingSettings),
     model, size and pocketdiff's version."""
-    from . import __version__
+    from .version import __version__
 
     return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": chosen.steps,
             "sampler": chosen.sampler, "guidance": chosen.guidance, "model": model, "width": image.width,

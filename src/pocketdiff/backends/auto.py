@@ -47,7 +47,7 @@ def _sha256(path: Path) -> str:
 
 def folder_digest(folder: Path) -> str:
     """What identifies a model folder's export: every file's relative path and content, pocketdiff's version."""
-    from .. import __version__
+    from ..version import __version__
 
     h = hashlib.sha256(f"pocketdiff {__version__} onnx opset {OPSET}".encode())
     for p in _files(folder):
