@@ -267,8 +267,8 @@ def section_teacher_v2() -> str:
            "ResNets only there make the step 0.67x of attention everywhere), the object-weighted loss "
            "(`--foreground-weight 4`) from the first step, the text encoder started from v1's (`--text-init-from`), "
            "batch 32, lr 6e-4 (300 warm-up steps, cosine over a 30,000-step plan), EMA 0.999, a check of 48 fresh "
-           "prompts every 20 minutes with the best kept. Trained on one CPU thread in a chunk that ends with a saved "
-           "model; the next chunk continues it with `--init-from`. Measured by `python benchmarks/shapes_quality.py "
+           "prompts every 20 minutes with the best kept. Trained on one CPU thread in chunks that end with a saved "
+           "model (a chunk resumes the run's checkpoint: weights, EMA, optimizer and schedule). Measured by `python benchmarks/shapes_quality.py "
            "teacher --model MODEL --log RUN/log.jsonl --batch-size 32 --out shapes_teacher_v2.json` (50 DDIM steps, "
            "the best scale of a sweep, then 500 fresh prompts).\n"]
     if not r:
@@ -314,6 +314,9 @@ def _samples_needed(curve: list[dict], protocol_all_correct: float, target: floa
     """A log-linear fit of the checks' all-correct against samples seen, extrapolated to the bar: a projection."""
     import math
 
+    if protocol_all_correct >= target:
+        return [f"\nThe protocol measures {100 * protocol_all_correct:.1f}% all-correct, at or above the "
+                f"{100 * target:.0f}% bar: no projection needed."]
     pts = [(math.log10(c["samples"]), c["all_correct"]) for c in curve if c.get("samples") and c["all_correct"] > 0]
     if len(pts) < 3:
         return []
