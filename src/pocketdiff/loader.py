@@ -46,7 +46,8 @@ def choose_backend(folder: Path, model: str, *, size=(None, None), **options) ->
 
     manifest = read_manifest(folder)
     if manifest is not None:
-        return (manifest.get("format") == "onnx" and "onnxruntime" or "torch"), folder, "an export folder"
+        backend = "onnxruntime" if manifest.get("format") == "onnx" else "torch"  # torch refuses other formats
+        return backend, folder, "an export folder"
     reason = torch_reason(folder, size=size, native=native_size(folder), **options)
     if reason:
         return "torch", folder, f"auto: {reason} needs torch"

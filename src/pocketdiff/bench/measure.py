@@ -270,7 +270,6 @@ def _ort_matmul(n: int, threads: int) -> Callable | None:
     """A call of an onnxruntime session holding one (n, n) x (n, n) MatMul, or None without onnxruntime."""
     try:
         import numpy as np
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
@@ -282,8 +281,7 @@ def _ort_matmul(n: int, threads: int) -> Callable | None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
-                                opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"A": np.random.rand(n, n).astype(np.float32), "B": np.random.rand(n, n).astype(np.float32)}
     return lambda: sess.run(None, feed)
 

@@ -93,7 +93,7 @@ def _add_guards(app, cfg: ServeConfig) -> None:
 
 
 def _job(engine: Engine, req: GenerationRequest) -> Job:
-    _, key = engine.job_key(req.steps, req.sampler, req.guidance, req.width, req.height)
+    key = engine.batch_key(req.steps, req.sampler, req.guidance, req.width, req.height)
     return Job(prompts=[req.prompt] * req.n, seeds=[req.seed + i for i in range(req.n)],
                negative_prompt=req.negative_prompt, key=key, id=uuid.uuid4().hex)
 

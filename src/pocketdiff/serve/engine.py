@@ -22,10 +22,12 @@ class Engine:
         side = self.pipe.default_size
         return [f"{side}x{side}"]
 
-    def job_key(self, steps: int | None, sampler: str | None, guidance: float | None, width: int, height: int):
-        """The settings a job runs with (the model card's where the request leaves them out) and the batch key."""
+    def batch_key(self, steps: int | None, sampler: str | None, guidance: float | None, width: int,
+                  height: int) -> tuple:
+        """What a job runs with (the model card's settings where the request leaves them out), which jobs must
+        share to run in one batch: (sampler, steps, guidance, height, width)."""
         chosen = self.pipe.settings(steps, sampler, guidance)
-        return chosen, (chosen.sampler, chosen.steps, chosen.guidance, height, width)
+        return chosen.sampler, chosen.steps, chosen.guidance, height, width
 
     def run(self, jobs: list[Job]) -> list[list[bytes]]:
         """One pipeline call for all images of ``jobs`` (same key); each job's PNGs, with generate's metadata."""
