@@ -381,8 +381,9 @@ COMPARISONS = {  # docs/results/shapes_<name>.json -> (title, what it shows)
                      "diamond at 2 steps)."),
     "two-step": ("Two steps: LCM, direct step distillation, and a teacher-size LCM (issue 5)",
                  "What limits 2-step generation. `lcm-2` is the shipped `shapes-lcm` at 2 LCM steps. `step-2` is "
-                 "that model trained further by `pocketdiff train step` (SnapFusion's direct step distillation, "
-                 "CFG-aware): 3000 cached guided teacher trajectories (DPM-Solver++(2M), 4 solver steps per student "
+                 "that model trained further by `pocketdiff train step` (direct step distillation by trajectory "
+                 "matching, one guidance scale baked in; not SnapFusion's CFG-aware loss, which is `train "
+                 "step-cfg`): 3000 cached guided teacher trajectories (DPM-Solver++(2M), 4 solver steps per student "
                  "step, guidance 3), the student's 2-step DDIM grid (trailing: 999, 499), each student step "
                  "matched to its teacher segment from the teacher's point (object-weighted x0 MSE, "
                  "`--foreground-weight 4`, lr 1e-4, 25 minutes, best 2-step check of 96 prompts kept). "

@@ -223,3 +223,18 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.Tens
     x0 = to_x0(model_output, x, a, s, prediction_type)  # (B, C, H, W)
     eps = to_eps(model_output, x, a, s, prediction_type)
     return a_prev * x0 + s_prev * eps
+
+
+def trailing_grid(schedule: NoiseSchedule, k: int) -> list[int]:
+    """A K-step student's timesteps: DDIM with trailing spacing (999, 499 for K = 2 on 1000 steps)."""
+    return [int(t) for t in timestep_grid(schedule, k, "ddim", "trailing")]
+
+
+def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
+                   t_next: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The x0 whose DDIM step t -> t_next from x lands on x_next (where ``last``: x_next, the clean end); the
+    target of step distillation (Salimans & Ho 2022, eq. 8)."""
+    a, s = schedule.alpha_sigma(t, like=x)  # (B, 1, 1, 1) each
+    a2, s2 = schedule.alpha_sigma(t_next, like=x)
+    solved = (x_next - (s2 / s) * x) / (a2 - s2 * a / s)
+    return torch.where(last.view(-1, 1, 1, 1), x_next, solved)

@@ -214,6 +214,26 @@ def latent_batches(latents: torch.Tensor, captions: list[str], tokenizer, batch_
     return batches
 
 
+# ---- classifier-free guidance --------------------------------------------------------------------
+def guided(unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+           w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided output, conditional output) of a UNet: with scales ``w`` (B,), o_u + w (o_c - o_u) from one batched
+    call of both branches; with ``w`` None, one conditional call (its output twice)."""
+    if w is None:
+        out = unet(x, t, encoder_hidden_states=cond).sample
+        return out, out
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    out_u, out_c = out.chunk(2)  # (B, C, H, W) each
+    return out_u + w.view(-1, 1, 1, 1) * (out_c - out_u), out_c
+
+
+def empty_prompt_states(tokenizer, text_encoder) -> torch.Tensor:
+    """(1, L, D) text states of the empty prompt (the unconditional branch of CFG)."""
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return text_encoder(empty.input_ids)[0]
+
+
 # ---- checks and export ----------------------------------------------------------------------------
 def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler_config: dict, runner: str = "eager"):
     """A generation pipeline over modules in memory (eval mode)."""

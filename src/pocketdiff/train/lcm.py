@@ -39,7 +39,7 @@ import torch
 from ..denoiser import guidance_scale_embedding
 from ..schedule import NoiseSchedule, ddim_step, lcm_boundary, to_x0
 from ..latents import region_weighted_mean
-from .common import check_foreground
+from .common import check_foreground, guided
 
 # Linear layers of diffusers' UNet blocks that LCM-LoRA adapts (attention, feed-forward, projections).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -110,14 +110,6 @@ def consistency_fn(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch
     c_skip, c_out = c[:, 0].view(-1, 1, 1, 1), c[:, 1].view(-1, 1, 1, 1)
     a, s = schedule.alpha_sigma(t, like=x)
     return c_skip * x + c_out * to_x0(model_output, x, a, s, prediction_type)
-
-
-def cfg_output(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               g: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guided output o_u + g (o_c - o_u), both branches in one batched call; g: (B,)."""
-    out = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-    out_u, out_c = out.chunk(2)  # (B, C, H, W) each
-    return out_u + g.view(-1, 1, 1, 1) * (out_c - out_u)
 
 
 # ---- the trained modules and the target network -----------------------------------------------------
@@ -231,7 +223,7 @@ def lcm_loss(teacher: torch.nn.Module, text_encoder, schedule: NoiseSchedule, re
             cond = text_encoder(batch["input_ids"])[0]  # (B, L, D)
             uncond = uncond_states.to(cond).expand(b, -1, -1)
             # 4. teacher: one guided DDIM step start -> end
-            x_e = ddim_step(schedule, cfg_output(teacher, x_s, start, cond, uncond, w), x_s, start, end, t_pred)
+            x_e = ddim_step(schedule, guided(teacher, x_s, start, cond, uncond, w)[0], x_s, start, end, t_pred)
             # 5. target network at the end of the step
             target_net = model["target"] if "target" in model else student
             out_t = target_net(x_e, end, encoder_hidden_states=cond, timestep_cond=w_emb).sample
@@ -287,17 +279,10 @@ def lcm_student(recipe: LCMRecipe, t) -> tuple[torch.nn.Module, NoiseSchedule]:
     return student, schedule
 
 
-def empty_prompt_states(tokenizer, text_encoder) -> torch.Tensor:
-    """(1, L, D) text states of the empty prompt (the unconditional branch of CFG)."""
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        return text_encoder(empty.input_ids)[0]
-
-
 def train_lcm(cfg, teacher_dir, recipe: LCMRecipe | None = None, resume: bool = True) -> Path:
     """Distil an LCM (or an LCM-LoRA) from a teacher folder; writes ``cfg.out_dir/model`` (and ``lora/``)."""
-    from .common import (cached_pool, export_model, frozen_dtype, latent_batches, load_teacher, on_device,
-                         sampling_check, start_run)
+    from .common import (cached_pool, empty_prompt_states, export_model, frozen_dtype, latent_batches, load_teacher,
+                         on_device, sampling_check, start_run)
     from .trainer import Trainer
 
     from ..data.datasets import open_dataset

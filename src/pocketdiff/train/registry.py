@@ -15,6 +15,8 @@ from typing import Any
 
 from .autoencoder import DEFAULT_TRAIN as VAE_TRAIN
 from .autoencoder import VAERecipe
+from .cfg_step import DEFAULT_TRAIN as CFG_STEP_TRAIN
+from .cfg_step import CfgStepRecipe
 from .clip import DEFAULT_TRAIN as CLIP_TRAIN
 from .decoder import DEFAULT_TRAIN as DECODER_TRAIN
 from .decoder import DecoderRecipe
@@ -63,9 +65,14 @@ RECIPES: dict[str, Recipe] = {
     "lcm": Recipe("latent consistency distillation (LCM, or LCM-LoRA with --lora-rank) from a teacher folder; "
                   "--student teacher|FOLDER", LCMRecipe, LCM_TRAIN, "lcm:train_lcm", needs_teacher=True,
                   models=("student",)),
-    "step": Recipe("direct step distillation (SnapFusion-style, one guidance scale baked in) of --student into a "
-                   "--student-steps DDIM model of the teacher", StepRecipe, STEP_TRAIN, "step:train_step_distill",
-                   needs_teacher=True, models=("student",), student_defaults_to_teacher=True),
+    "step": Recipe("trajectory-matching step distillation (cached guided teacher solves, one guidance scale baked "
+                   "in) of --student into a --student-steps DDIM model of the teacher", StepRecipe, STEP_TRAIN,
+                   "step:train_step_distill", needs_teacher=True, models=("student",),
+                   student_defaults_to_teacher=True),
+    "step-cfg": Recipe("SnapFusion's CFG-aware step distillation of --student (v-prediction; the teacher's DDIM steps "
+                       "per student step; --p-cfg, --w-min/--w-max, --gamma; --mode direct|progressive)",
+                       CfgStepRecipe, CFG_STEP_TRAIN, "cfg_step:train_cfg_step", needs_teacher=True,
+                       models=("student",), student_defaults_to_teacher=True),
     "decoder": Recipe("a channel-pruned VAE distilled from the teacher's on --generator's latents (SnapFusion); "
                       "writes OUT/vae and OUT/model", DecoderRecipe, DECODER_TRAIN, "decoder:train_decoder",
                       needs_teacher=True, models=("generator",)),

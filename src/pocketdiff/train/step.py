@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ..denoiser import guidance_scale_embedding
-from ..schedule import NoiseSchedule, timestep_grid, to_x0
+from ..schedule import NoiseSchedule, ddim_x0_target, to_x0
+from ..schedule import trailing_grid as student_grid
 from ..latents import region_weighted_mean
 from .common import check_foreground
 
@@ -72,11 +73,6 @@ class StepRecipe:
             raise ValueError(f"guidance must be >= 1 (1: no guidance), got {self.guidance}")
         if self.pixel_weight < 0:
             raise ValueError(f"pixel_weight must be >= 0 (0: off), got {self.pixel_weight}")
-
-
-def student_grid(schedule: NoiseSchedule, k: int) -> list[int]:
-    """The student's K timesteps: DDIM with trailing spacing (999, 499 for K = 2 on 1000 steps)."""
-    return [int(t) for t in timestep_grid(schedule, k, "ddim", "trailing")]
 
 
 def teacher_sigmas(schedule: NoiseSchedule, grid: list[int], substeps: int) -> tuple[list[float], list[int]]:
@@ -196,15 +192,6 @@ def step_batches(traj: torch.Tensor, captions: list[str], tokenizer, grid: list[
                 "t_next": times[i + 1], "last": i == k - 1, "input_ids": ids[idx]}
 
     return batches
-
-
-def ddim_x0_target(schedule: NoiseSchedule, x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor,
-                   t_next: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The x0 whose DDIM step t -> t_next from x lands on x_next (on a last step: x_next, the clean end)."""
-    a, s = schedule.alpha_sigma(t, like=x)  # (B, 1, 1, 1) each
-    a2, s2 = schedule.alpha_sigma(t_next, like=x)
-    solved = (x_next - (s2 / s) * x) / (a2 - s2 * a / s)
-    return torch.where(last.view(-1, 1, 1, 1), x_next, solved)
 
 
 def pixel_l1(vae, x0: torch.Tensor, target: torch.Tensor, foreground_weight: float) -> torch.Tensor:
