@@ -341,10 +341,42 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs")
     p.add_argument("--per-block", action="store_true",
                    help="time every UNet block alone (ResNet, attention, samplers): a latency lookup table")
+    p.add_argument("--lut", type=Path, help="write the UNet's latency lookup table (what removing each block "
+                                            "saves, for `pocketdiff search`) to this JSON file")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch", help="the runtime --lut measures")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --lut file")
     _add_threads(p)
     p.set_defaults(func=cmd_bench)
+
+
+def _bench_unet(args):
+    """(unet, resolution, latent factor) of bench's --arch or --model."""
+    from .models import presets
+    from .models.registry import resolve_model
+    from .pipeline import Pipeline
+
+    if args.arch:
+        kind = presets.ARCH_PRESETS[args.arch][0]
+        if kind != "unet":
+            raise PocketdiffError(f"--per-block or --lut needs a UNet; {args.arch} is a {kind}")
+        return presets.build(args.arch)[1], args.resolution or 512, 8
+    pipe = Pipeline.from_folder(resolve_model(args.model or "default"))
+    return pipe.unet, args.resolution or pipe.default_size, pipe.vae_scale_factor
+
+
+def cmd_bench_lut(args) -> int:
+    from .bench.lut import measure_lut
+
+    _check_json_out(args.lut, args.overwrite)
+    unet, res, factor = _bench_unet(args)
+    lut = measure_lut(unet, runtime=args.runtime, resolution=res, batch=args.batch, runs=args.runs,
+                      warmup=args.warmup, latent_factor=factor)
+    lut.save(args.lut)
+    total = sum(b["saving_ms"] for b in lut.blocks.values())
+    print(f"{len(lut.blocks)} blocks, UNet step {lut.total_ms:.2f} ms ({lut.runtime}, {res} px, batch {lut.batch}, "
+          f"{lut.threads} thread(s)); removable {total:.2f} ms; wrote {args.lut}")
+    return 0
 
 
 def _check_bench_memory(args) -> None:
@@ -381,18 +413,12 @@ def cmd_bench(args) -> int:
     _check_json_out(args.json, args.overwrite)
     if args.resolution is not None:
         _check_bench_memory(args)
+    if args.lut is not None:
+        return cmd_bench_lut(args)
     if args.per_block:
         from .bench.blocks import blocks_markdown, per_block_latency
 
-        if args.arch:
-            kind = presets.ARCH_PRESETS[args.arch][0]
-            if kind != "unet":
-                raise PocketdiffError(f"--per-block needs a UNet; {args.arch} is a {kind}")
-            _, unet = presets.build(args.arch)
-            res, factor = args.resolution or 512, 8
-        else:
-            pipe = Pipeline.from_folder(resolve_model(args.model or "default"))
-            unet, res, factor = pipe.unet, args.resolution or pipe.default_size, pipe.vae_scale_factor
+        unet, res, factor = _bench_unet(args)
         rows = per_block_latency(unet, resolution=res, batch=args.batch, runs=args.runs, warmup=args.warmup,
                                  latent_factor=factor)
         print(blocks_markdown(rows))
@@ -643,6 +669,43 @@ def cmd_data_shapes(args) -> int:
     return 0
 
 
+# ---- search -----------------------------------------------------------------------------------
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="architecture evolution (SnapFusion): remove the UNet blocks that cost the "
+                                      "least quality per ms saved until a latency target; writes OUT/model")
+    p.add_argument("model", help="a (robustly trained: `train ... --skip-prob`) model folder or shipped name")
+    p.add_argument("--out", required=True, help="new folder: model/, lut.json, search.jsonl, search.json")
+    p.add_argument("--target-ms", type=float, default=0.0, help="latency target of one UNet step, in ms")
+    p.add_argument("--target-ratio", type=float, default=0.0,
+                   help="latency target as a fraction of the input UNet's measured step (e.g. 0.39)")
+    p.add_argument("--lut", default="", help="a latency table from `pocketdiff bench --lut` (default: measure one)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="the runtime of a table measured here")
+    p.add_argument("--kinds", default="all", help="blocks to search over: all | attention | resnet | name prefixes")
+    p.add_argument("--actions-per-round", type=int, default=1, help="actions executed per round")
+    p.add_argument("--max-rounds", type=int, default=200)
+    p.add_argument("--val-n", type=int, default=128, help="validation latents of the quality proxy")
+    p.add_argument("--foreground-weight", type=float, default=4.0, help="object weight of the proxy's loss")
+    p.add_argument("--data", default="shapes", help="the proxy's images: shapes, an image folder or tar shards")
+    p.add_argument("--resolution", type=int, default=0, help="the table's image size (default: the model's)")
+    _add_threads(p)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from .search.run import SearchJob, run_search
+
+    job = SearchJob(args.model, args.out, args.target_ms, args.target_ratio, args.lut, args.runtime, args.kinds,
+                    args.actions_per_round, args.max_rounds, args.val_n, args.foreground_weight, args.data,
+                    args.resolution)
+    s = run_search(job)
+    measured = f", measured {s['measured_ms_torch']:.2f} ms" if s["measured_ms_torch"] else ""
+    print(f"removed {len(s['removed'])} blocks in {s['rounds']} rounds: predicted {s['predicted_ms']:.2f} ms"
+          f"{measured} (target {s['target_ms']:.2f}); proxy {s['proxy_before']:.4f} -> {s['proxy_after']:.4f}; "
+          f"params {s['params'] / 1e6:.2f}M -> {s['params_after'] / 1e6:.2f}M; wrote {args.out}/model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -658,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_quantize(sub)
     _add_export(sub)
+    _add_search(sub)
     from .serve.cli import add_serve
 
     add_serve(sub, _add_threads)

@@ -142,8 +142,8 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
 
         cls = getattr(diffusers, class_name)
         try:
-            with init_empty_weights(include_buffers=False):
-                model = cls.from_config(config)
+            with init_empty_weights(include_buffers=False):  # pocketdiff's own key is applied after loading
+                model = cls.from_config({k: v for k, v in config.items() if k != "pocketdiff_removed_blocks"})
         except Exception as e:
             raise ModelFolderError(f"{sub / 'config.json'}: not a valid {class_name} config ({str(e).splitlines()[0][:100]})") from None
         stem = "diffusion_pytorch_model"
@@ -162,10 +162,23 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
         raise ModelFolderError(f"{sub}: component class {class_name!r} is not supported "
                                f"(supported: {', '.join(_DIFFUSERS_MODELS + _TRANSFORMERS_MODELS)})")
     if (sub / "quantization.json").is_file():  # int8 weights written by `pocketdiff quantize`
-        return _load_quantized(model, sub, stem)
-    state = load_state_dict(sub, stem, trust_pickle)
-    _check_and_load(model, state, sub, stem)
-    return model.eval().requires_grad_(False)
+        model = _load_quantized(model, sub, stem)
+    else:
+        state = load_state_dict(sub, stem, trust_pickle)
+        _check_and_load(model, state, sub, stem)
+    return _with_surgery(model.eval().requires_grad_(False), config, sub)
+
+
+def _with_surgery(model: torch.nn.Module, config: dict, sub: Path) -> torch.nn.Module:
+    """A UNet with the blocks its config removes (``pocketdiff_removed_blocks``) removed; others as they are."""
+    from .models.surgery import REMOVED_KEY, apply_config
+
+    if not config.get(REMOVED_KEY):
+        return model
+    try:
+        return apply_config(model, config)
+    except KeyError as e:
+        raise ModelFolderError(f"{sub / 'config.json'}: {REMOVED_KEY} names {e.args[0]}") from None
 
 
 def _load_quantized(model: torch.nn.Module, sub: Path, stem: str) -> torch.nn.Module:

@@ -31,46 +31,60 @@ def _stage(name: str) -> str:
 
 
 @torch.no_grad()
-def per_block_latency(unet: torch.nn.Module, *, resolution: int, batch: int = 1, cfg: bool = True, runs: int = 5,
-                      warmup: int = 1, latent_factor: int = 8, seq_len: int | None = None) -> list[dict]:
-    """Rows {block, type, stage, resolution, channels, params, macs, median_ms, min_ms} for one UNet step."""
+def captured_inputs(unet: torch.nn.Module, *, resolution: int, batch: int = 1, cfg: bool = True,
+                    latent_factor: int = 8, seq_len: int | None = None) -> dict[str, tuple]:
+    """Block name -> (module, args, kwargs, output) of its first call in one UNet step (forward hooks)."""
     fn, inputs = component_call("unet", unet, resolution=resolution, batch=batch, cfg=cfg, latent_factor=latent_factor,
-                           seq_len=seq_len)
-    blocks = unet_blocks(unet)
-    captured: dict[str, tuple[tuple, dict, torch.Tensor]] = {}
+                                seq_len=seq_len)
+    captured: dict[str, tuple] = {}
 
     def hook(name):
         def f(module, args, kwargs, output):
             if name not in captured:  # first call only (blocks run once per step)
                 out = output[0] if isinstance(output, tuple) else output
-                captured[name] = (args, kwargs, out)
+                captured[name] = (module, args, kwargs, out)
 
         return f
 
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in blocks]
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in unet_blocks(unet)]
     try:
         fn(*inputs)
     finally:
         for h in handles:
             h.remove()
+    return captured
+
+
+def median_ms(call, runs: int, warmup: int) -> tuple[float, float]:
+    """(median, min) wall time of ``call()`` in ms."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+@torch.no_grad()
+def per_block_latency(unet: torch.nn.Module, *, resolution: int, batch: int = 1, cfg: bool = True, runs: int = 5,
+                      warmup: int = 1, latent_factor: int = 8, seq_len: int | None = None) -> list[dict]:
+    """Rows {block, type, stage, resolution, channels, params, macs, median_ms, min_ms} for one UNet step."""
+    captured = captured_inputs(unet, resolution=resolution, batch=batch, cfg=cfg, latent_factor=latent_factor,
+                               seq_len=seq_len)
     rows = []
-    for name, module in blocks:
+    for name, _ in unet_blocks(unet):
         if name not in captured:
             continue
-        args, kwargs, out = captured[name]
+        module, args, kwargs, out = captured[name]
         call = lambda m=module, a=args, k=kwargs: m(*a, **k)  # noqa: E731
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
+        med, low = median_ms(call, runs, warmup)
         shape = tuple(out.shape)
         rows.append({"block": name, "type": type(module).__name__, "stage": _stage(name),
                      "resolution": shape[-1] if len(shape) == 4 else None,
                      "channels": shape[1] if len(shape) == 4 else shape[-1], "params": count_params(module),
-                     "macs": count_macs(call), "median_ms": statistics.median(times), "min_ms": min(times)})
+                     "macs": count_macs(call), "median_ms": med, "min_ms": low})
     return rows
 
 

@@ -44,8 +44,8 @@ def skippable_blocks(model: torch.nn.Module, kinds: str = "all", trained_only: b
             continue
         for name, module in root.named_modules():
             full = f"{root_name}.{name}" if root_name else name
-            if type(module).__name__ not in KINDS.values():
-                continue
+            if type(module).__name__ not in KINDS.values() or getattr(module, "_pocketdiff_removed", False):
+                continue  # a block removed for good (models.surgery) is neither skipped nor restored
             if (wanted is not None and type(module).__name__ in wanted) or \
                     (prefixes is not None and any(full.startswith(p) for p in prefixes)):
                 out[full] = module
