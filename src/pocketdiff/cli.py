@@ -647,28 +647,6 @@ def cmd_train(args) -> int:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def cmd_data_shapes(args) -> int:
-    from .data.shapes import write_dataset, write_shards
-
-    if args.n < 1:
-        raise PocketdiffError(f"--n must be >= 1, got {args.n}")
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise PocketdiffError(f"{out.parent}: folder does not exist; create it first")
-    try:
-        if args.format == "webdataset":
-            if args.shard_size < 1:
-                raise PocketdiffError(f"--shard-size must be >= 1, got {args.shard_size}")
-            write_shards(out, args.n, seed=args.seed, split=args.split, shard_size=args.shard_size,
-                         progress=not args.no_progress)
-        else:
-            write_dataset(out, args.n, seed=args.seed, split=args.split, progress=not args.no_progress)
-    except FileExistsError:
-        raise PocketdiffError(f"{out}: already exists and is not empty; choose another --out") from None
-    print(f"wrote {args.n} image/caption pairs to {out}")
-    return 0
-
-
 # ---- search -----------------------------------------------------------------------------------
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="architecture evolution (SnapFusion): remove the UNet blocks that cost the "
@@ -725,18 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_serve
 
     add_serve(sub, _add_threads)
-    data = sub.add_parser("data", help="write training data to files").add_subparsers(dest="dataset", required=True,
-                                                                                      parser_class=_Parser)
-    p = data.add_parser("shapes", help="Shapes image/caption pairs (imagefolder: PNGs + metadata.jsonl, or tar shards)")
-    p.add_argument("--format", choices=("imagefolder", "webdataset"), default="imagefolder",
-                   help="imagefolder: PNGs + metadata.jsonl; webdataset: tar shards of png + txt")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (webdataset)")
-    p.add_argument("--n", type=int, required=True, help="number of pairs")
-    p.add_argument("--out", required=True, help="new folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=("train", "heldout", "all"), default="train")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_data_shapes)
+    from .datacli import add_data
+
+    add_data(sub, _add_threads, _Parser)
     return parser
 
 

@@ -77,15 +77,7 @@ def check(image: np.ndarray, scene_or_caption: Scene | str) -> dict:
     if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or image.dtype != np.uint8:
         raise ValueError(f"expected a (64, 64, 3) uint8 image, got {image.shape} {image.dtype}")
     scene = _as_scene(scene_or_caption)
-    img = image.astype(np.float32)  # (H, W, 3)
-
-    labels = nearest_palette(img)  # (H, W)
-    bg_index = int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
-    bg_rgb = np.median(img[labels == bg_index], axis=0)  # (3,)
-    dist = np.linalg.norm(img - bg_rgb, axis=-1)  # (H, W)
-    solid = _drop_specks(dist > FOREGROUND_DISTANCE).astype(np.int32)  # (H, W)
-    starts = list(CELL_EDGES[:-1])
-    counts = np.add.reduceat(np.add.reduceat(solid, starts, 0), starts, 1).ravel()  # (9,) per cell
+    img, bg_index, bg_rgb, dist, counts = _read_scene(image)
 
     objects = [_check_object(img, dist, bg_rgb, obj, int(counts[obj.cell])) for obj in scene.objects]
     expected_cells = {o.cell for o in scene.objects}
@@ -104,6 +96,47 @@ def check(image: np.ndarray, scene_or_caption: Scene | str) -> dict:
         "held_out": scene.held_out,
         "all_correct": background["correct"] and not extra and all(o["correct"] for o in objects),
     }
+
+
+def _read_scene(image: np.ndarray) -> tuple:
+    """(float image, background palette index, background rgb, distance from it (H, W), fg pixels per cell (9,))."""
+    img = image.astype(np.float32)  # (H, W, 3)
+    labels = nearest_palette(img)  # (H, W)
+    bg_index = int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
+    bg_rgb = np.median(img[labels == bg_index], axis=0)  # (3,)
+    dist = np.linalg.norm(img - bg_rgb, axis=-1)  # (H, W)
+    solid = _drop_specks(dist > FOREGROUND_DISTANCE).astype(np.int32)  # (H, W)
+    starts = list(CELL_EDGES[:-1])
+    counts = np.add.reduceat(np.add.reduceat(solid, starts, 0), starts, 1).ravel()  # (9,) per cell
+    return img, bg_index, bg_rgb, dist, counts
+
+
+def describe(image: np.ndarray) -> Scene:
+    """The scene a (64, 64, 3) uint8 image shows, read as the checker reads it: the background, and in each cell
+    with an object its colour, shape and size (the best template). An analytic captioner for Shapes images:
+    ``caption(describe(render(scene)))`` gives back the scene's caption (a test)."""
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or image.dtype != np.uint8:
+        raise ValueError(f"expected a (64, 64, 3) uint8 image, got {image.shape} {image.dtype}")
+    img, bg_index, bg_rgb, dist, counts = _read_scene(image)
+    objects = []
+    for cell in range(GRID * GRID):
+        if counts[cell] >= MIN_OBJECT_PIXELS:
+            colour, shape, size, _ = _read_object(img, dist, bg_rgb, cell)
+            objects.append(ShapeObject(shape, colour, size, cell))
+    return Scene(tuple(objects), PALETTE_NAMES[bg_index])
+
+
+def _read_object(img: np.ndarray, dist: np.ndarray, bg_rgb: np.ndarray, cell: int) -> tuple[str, str, str, float]:
+    """(colour, shape, size, template IoU) of the object in ``cell``."""
+    y0, y1, x0, x1 = box = cell_box(cell)
+    pixels, d = img[y0:y1, x0:x1], dist[y0:y1, x0:x1]  # (h, w, 3), (h, w)
+    core = d >= CORE_FRACTION * np.percentile(d[d > FOREGROUND_DISTANCE], 90)
+    fg_rgb = pixels[core].mean(axis=0)  # (3,)
+    colour = PALETTE_NAMES[int(nearest_palette(fg_rgb))]
+    axis = fg_rgb - bg_rgb
+    alpha = np.clip((pixels - bg_rgb) @ axis / max(axis @ axis, 1e-6), 0.0, 1.0)  # (h, w) coverage
+    shape, size, iou = match_template(alpha, box, cell)
+    return colour, shape, size, iou
 
 
 def _drop_specks(mask: np.ndarray) -> np.ndarray:
@@ -136,15 +169,7 @@ def _check_object(
     if not result["present"]:
         return result
 
-    y0, y1, x0, x1 = box = cell_box(obj.cell)
-    pixels, d = img[y0:y1, x0:x1], dist[y0:y1, x0:x1]  # (h, w, 3), (h, w)
-    core = d >= CORE_FRACTION * np.percentile(d[d > FOREGROUND_DISTANCE], 90)
-    fg_rgb = pixels[core].mean(axis=0)  # (3,)
-    colour = PALETTE_NAMES[int(nearest_palette(fg_rgb))]
-
-    axis = fg_rgb - bg_rgb
-    alpha = np.clip((pixels - bg_rgb) @ axis / max(axis @ axis, 1e-6), 0.0, 1.0)  # (h, w) coverage
-    shape, size, iou = match_template(alpha, box, obj.cell)
+    colour, shape, size, iou = _read_object(img, dist, bg_rgb, obj.cell)
 
     result.update(colour=colour == obj.colour, shape=shape == obj.shape, size=size == obj.size)
     result["correct"] = result["colour"] and result["shape"] and result["size"]

@@ -71,11 +71,13 @@ def apply_config(unet: torch.nn.Module, config: dict) -> torch.nn.Module:
     return remove_blocks(unet, names) if names else unet
 
 
-def count_active_params(unet: torch.nn.Module) -> int:
-    """Parameters the UNet computes with (removed blocks excluded, a ResNet's kept shortcut included)."""
+def count_active_params(unet: torch.nn.Module, also_removed: Iterable[str] = ()) -> int:
+    """Parameters the UNet computes with: removed blocks (and ``also_removed``, e.g. skipped ones) excluded, a
+    ResNet's kept 1x1 shortcut included."""
+    extra = set(also_removed)
     total = sum(p.numel() for p in unet.parameters())
-    for _, m in unet.named_modules():
-        if is_removed(m):
+    for name, m in unet.named_modules():
+        if is_removed(m) or name in extra:
             total -= sum(p.numel() for p in m.parameters())
             shortcut = getattr(m, "conv_shortcut", None)
             if shortcut is not None:
