@@ -263,3 +263,27 @@ def test_two_processes_train_on_a_caption_folder_with_one_cache_and_one_writer(t
     r0, r1 = (json.loads((tmp_path / f"weights-rank{r}.json").read_text()) for r in (0, 1))
     assert all(r0[k] == pytest.approx(r1[k], abs=1e-6) for k in r0)  # identical replicas
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()  # written once, by rank 0
+
+
+def test_a_searched_folder_is_a_student_with_its_removed_blocks_frozen(kd_teacher_folder, tmp_path):
+    """`pocketdiff search`'s OUT/model as --student: its UNet as it is, removed blocks frozen and still removed."""
+    from pocketdiff.folder import load_components, save_components
+    from pocketdiff.models.surgery import remove_blocks, removed_names
+    from pocketdiff.train.kd import kd_student
+
+    parts = load_components(kd_teacher_folder)
+    cut = ["down_blocks.1.attentions.0", "up_blocks.1.resnets.1"]
+    searched = remove_blocks(parts["unet"], cut)
+    save_components(tmp_path / "searched", searched, parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                    parts["scheduler_config"])
+    teacher = load_components(kd_teacher_folder)["unet"]
+    student = kd_student(KDRecipe(student=str(tmp_path / "searched")), teacher)
+    assert removed_names(student) == sorted(cut) and student.training
+    modules = dict(student.named_modules())
+    assert all(not p.requires_grad for n in cut for p in modules[n].parameters())
+    assert any(p.requires_grad for p in student.parameters())
+    model = kd_model(student, teacher)
+    text = load_components(kd_teacher_folder)["text_encoder"]
+    loss, _ = kd_loss(teacher, model, text, NoiseSchedule(), KDRecipe())(model, _batches(0), 0)
+    loss.backward()
+    assert all(p.grad is None for n in cut for p in modules[n].parameters())

@@ -65,6 +65,15 @@ def remove_blocks(unet: torch.nn.Module, names: Iterable[str]) -> torch.nn.Modul
     return unet
 
 
+def make_trainable(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` in training mode with every parameter trainable except those of its removed blocks."""
+    unet.train().requires_grad_(True)
+    for m in unet.modules():
+        if is_removed(m):
+            m.requires_grad_(False)
+    return unet
+
+
 def apply_config(unet: torch.nn.Module, config: dict) -> torch.nn.Module:
     """Apply a saved config's removals to a UNet built (and loaded) from it: the loader's hook."""
     names = config.get(REMOVED_KEY) or []

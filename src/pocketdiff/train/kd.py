@@ -19,7 +19,9 @@ from ..schedule import NoiseSchedule, target_for
 
 @dataclass
 class KDRecipe:
-    student: str = "bk-tiny"  # a name of pocketdiff.models.compact.COMPACT_PRESETS
+    # a name of pocketdiff.models.compact.COMPACT_PRESETS, or a model folder whose UNet is the student as it is
+    # (e.g. `pocketdiff search`'s OUT/model: its removed blocks stay removed and frozen)
+    student: str = "bk-tiny"
     task_weight: float = 1.0  # weight of the denoising loss against the true target
     output_weight: float = 1.0  # weight of output KD: the student's prediction against the teacher's
     feature_weight: float = 1.0  # weight of feature KD: the stage outputs against the teacher's
@@ -169,17 +171,23 @@ DEFAULT_TRAIN = dict(out_dir="runs/shapes-kd", steps=6000, batch_size=48, lr=5e-
 
 
 def kd_student(recipe: KDRecipe, teacher: torch.nn.Module) -> torch.nn.Module:
-    """The student UNet: the preset of the teacher's config, seeded by BK-SDM inheritance, or ``init_from``'s
-    (whose config must be that preset's)."""
+    """The student UNet: a model folder's UNet (``student`` a folder), or the preset of the teacher's config,
+    seeded by BK-SDM inheritance, or ``init_from``'s (whose config must be that preset's)."""
     import json
+    from pathlib import Path
 
     from diffusers import UNet2DConditionModel
 
     from ..folder import load_components
     from ..models.compact import COMPACT_PRESETS, inheritance_for, init_student_from_teacher
 
+    if recipe.student not in COMPACT_PRESETS and Path(recipe.student).is_dir():  # e.g. `pocketdiff search`'s OUT/model
+        from ..models.surgery import make_trainable
+
+        return make_trainable(load_components(recipe.student)["unet"].float())
     if recipe.student not in COMPACT_PRESETS:
-        raise ValueError(f"unknown student {recipe.student!r}; choose one of {', '.join(COMPACT_PRESETS)}")
+        raise ValueError(f"unknown student {recipe.student!r}; choose one of {', '.join(COMPACT_PRESETS)} or a "
+                         "model folder (e.g. a searched one)")
     config = COMPACT_PRESETS[recipe.student](dict(teacher.config))
     if recipe.init_from:  # continue a trained student: its own config must be the preset's
         student = load_components(recipe.init_from)["unet"].float()
