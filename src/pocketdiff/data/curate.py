@@ -6,8 +6,9 @@ Steps, in this order, each optional and reported per image (kept / dropped / cha
 2. **size**: images whose short side is under ``min_size`` px or whose aspect ratio (long / short) is over
    ``max_aspect`` are dropped;
 3. **fit**: centre crop to a square and resize to ``resolution`` px (changed: "fitted from WxH");
-4. **dedup**: a 64-bit perceptual hash (``imagehash.phash``) of the fitted image; an image within
-   ``hash_threshold`` bits of one kept before it is dropped ("duplicate of KEY (d bits)"; 0 bits: exact);
+4. **dedup**: a colour perceptual hash of the fitted image (``imagehash.phash`` of each RGB channel, 3 x 64 bits:
+   measured on a dirty Shapes set, grey-level hashes call different scenes of one layout duplicates); an image
+   within ``hash_threshold`` bits of one kept before it is dropped ("duplicate of KEY (d bits)"; 0: same hash);
 5. **recaption**: a pluggable captioner (``captioner(images) -> captions``; see :mod:`pocketdiff.eval.captioners`):
    ``caption_mode`` "keep" fills only missing captions, "replace" takes the captioner's, "merge" keeps the original
    and appends the captioner's where they differ; an image still without a caption is dropped ("no caption");
@@ -38,12 +39,13 @@ from ..errors import PocketdiffError
 Captioner = Callable[[list[np.ndarray]], list[str]]
 Scorer = Callable[[list[np.ndarray], list[str]], np.ndarray]
 CAPTION_MODES = ("keep", "replace", "merge")
+HASH_BITS = 192
 
 
 @dataclass
 class CurateConfig:
     dedup: bool = True
-    hash_threshold: int = 4  # bits of 64 within which two images are near-duplicates (0: exact copies only)
+    hash_threshold: int = 6  # bits of the 192-bit hash within which two images are near-duplicates (0: same hash)
     min_size: int = 0  # px of the short side (0: no filter)
     max_aspect: float = 0.0  # long side / short side (0: no filter)
     resolution: int = 0  # centre crop + resize to this many px (0: keep each image's size)
@@ -54,8 +56,8 @@ class CurateConfig:
     def __post_init__(self) -> None:
         if self.caption_mode not in CAPTION_MODES:
             raise PocketdiffError(f"--caption-mode must be one of {', '.join(CAPTION_MODES)}, got {self.caption_mode!r}")
-        if not 0 <= self.hash_threshold <= 32 or self.min_size < 0 or self.max_aspect < 0 or self.resolution < 0:
-            raise PocketdiffError("--hash-threshold must be 0-32; --min-size, --max-aspect, --resolution >= 0")
+        if not 0 <= self.hash_threshold <= 64 or self.min_size < 0 or self.max_aspect < 0 or self.resolution < 0:
+            raise PocketdiffError("--hash-threshold must be 0-64; --min-size, --max-aspect, --resolution >= 0")
 
 
 @dataclass
@@ -139,18 +141,19 @@ def fit_step(item: Item, cfg: CurateConfig) -> None:
 
 
 class Deduplicator:
-    """Perceptual-hash near-duplicate search: multi-index hashing (a 64-bit hash split into threshold + 1 chunks;
-    two hashes within ``threshold`` bits share at least one chunk exactly), so each lookup scans few candidates."""
+    """Perceptual-hash near-duplicate search: multi-index hashing (a ``bits``-bit hash split into threshold + 1
+    chunks; two hashes within ``threshold`` bits share at least one chunk exactly), so each lookup scans few
+    candidates."""
 
-    def __init__(self, threshold: int):
-        self.threshold = threshold
-        self.parts = min(threshold + 1, 16)
+    def __init__(self, threshold: int, bits: int = HASH_BITS):
+        self.threshold, self.bits = threshold, bits
+        self.parts = min(threshold + 1, bits // 4)
         self.tables: list[dict[int, list[int]]] = [{} for _ in range(self.parts)]
         self.hashes: list[int] = []
         self.keys: list[str] = []
 
     def _chunks(self, h: int) -> list[int]:
-        bits = 64 // self.parts
+        bits = self.bits // self.parts
         return [(h >> (i * bits)) & ((1 << bits) - 1) if i < self.parts - 1 else h >> (i * bits)
                 for i in range(self.parts)]
 
@@ -172,10 +175,12 @@ class Deduplicator:
 
 
 def phash(image: np.ndarray) -> int:
+    """The colour perceptual hash: the 64-bit pHash of each RGB channel, as one 192-bit integer."""
     import imagehash
     from PIL import Image
 
-    return int(str(imagehash.phash(Image.fromarray(image))), 16)
+    bits = np.concatenate([imagehash.phash(c).hash.ravel() for c in Image.fromarray(image).convert("RGB").split()])
+    return int("".join("1" if b else "0" for b in bits), 2)
 
 
 def caption_step(items: list[Item], captioner: Captioner | None, mode: str) -> None:
