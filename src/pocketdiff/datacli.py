@@ -61,6 +61,20 @@ def cmd_data_shapes(args) -> int:
     return 0
 
 
+def _add_agreement(p, add_threads) -> None:
+    """The flags curate and synth share: the agreement filter, progress and threads."""
+    p.add_argument("--scorer", default="", help="text-image agreement scorer: shapes (the domain CLIP) or a local "
+                                               "CLIP folder")
+    p.add_argument("--min-score", type=float, help="drop pairs the scorer rates under this")
+    p.add_argument("--no-progress", action="store_true")
+    add_threads(p)
+
+
+def _check_agreement(args) -> None:
+    if args.min_score is not None and not args.scorer:
+        raise PocketdiffError("--min-score needs a --scorer (shapes or a CLIP folder)")
+
+
 def _add_curate(data, add_threads) -> None:
     p = data.add_parser("curate", help="deduplicate, filter, fit, recaption and agreement-filter an image-caption "
                                        "folder or tar shards into a new folder, with a report and a contact sheet")
@@ -76,10 +90,7 @@ def _add_curate(data, add_threads) -> None:
                                                    "transformers image-to-text folder")
     p.add_argument("--caption-mode", choices=("keep", "replace", "merge"), default="keep",
                    help="keep: fill missing captions only; replace; merge: append the new caption")
-    p.add_argument("--scorer", default="", help="agreement scorer: shapes (the domain CLIP) or a local CLIP folder")
-    p.add_argument("--min-score", type=float, help="drop pairs the scorer rates under this")
-    p.add_argument("--no-progress", action="store_true")
-    add_threads(p)
+    _add_agreement(p, add_threads)
     p.set_defaults(func=cmd_data_curate)
 
 
@@ -87,8 +98,7 @@ def cmd_data_curate(args) -> int:
     from .data.curate import CurateConfig, curate
     from .eval.captioners import make_captioner, make_scorer
 
-    if args.min_score is not None and not args.scorer:
-        raise PocketdiffError("--min-score needs a --scorer (shapes or a CLIP folder)")
+    _check_agreement(args)
     if not Path(args.source).exists() and not any(c in args.source for c in "*?{["):
         raise PocketdiffError(f"{args.source}: no such folder or shards")
     cfg = CurateConfig(not args.no_dedup, args.hash_threshold, args.min_size, args.max_aspect, args.resolution,
@@ -113,10 +123,7 @@ def _add_synth(data, add_threads) -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0, help="prompt i gets seed + i")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--scorer", default="", help="agreement scorer for --min-score: shapes or a local CLIP folder")
-    p.add_argument("--min-score", type=float, help="drop pairs the scorer rates under this")
-    p.add_argument("--no-progress", action="store_true")
-    add_threads(p)
+    _add_agreement(p, add_threads)
     p.set_defaults(func=cmd_data_synth)
 
 
@@ -127,8 +134,7 @@ def cmd_data_synth(args) -> int:
     from .models.registry import resolve_model
     from .synth import SynthConfig, synthesize
 
-    if args.min_score is not None and not args.scorer:
-        raise PocketdiffError("--min-score needs a --scorer (shapes or a CLIP folder)")
+    _check_agreement(args)
     if args.steps < 1 or args.batch < 1:
         raise PocketdiffError("--steps and --batch must be >= 1")
     if Path(args.out).exists():

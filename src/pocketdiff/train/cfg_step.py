@@ -225,19 +225,12 @@ def require_v_prediction(schedule: NoiseSchedule, where: str) -> None:
 
 def train_cfg_step(cfg, teacher_dir, recipe: CfgStepRecipe, resume: bool = True) -> Path:
     """Distil ``recipe.student`` into a ``student_steps``-step CFG-aware DDIM model; writes ``out_dir/model``."""
-    from ..data.datasets import open_dataset
-    from ..folder import load_components
-    from .common import (cached_pool, empty_prompt_states, export_model, frozen_dtype, latent_batches, load_teacher,
-                         matching_schedule, on_device, sampling_check, start_run)
+    from .common import (cached_pool, empty_prompt_states, export_model, frozen_dtype, latent_batches, on_device,
+                         sampling_check, start_run, student_and_teacher)
     from .trainer import Trainer
 
-    if not recipe.student:
-        raise ValueError("CFG-aware step distillation needs a student folder (--student FOLDER)")
-    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
-    t = load_teacher(teacher_dir)
-    student_parts = load_components(recipe.student)
-    schedule = matching_schedule(t.scheduler_config, student_parts["scheduler_config"], recipe.student,
-                                 "CFG-aware step distillation")
+    data, t, student_parts, schedule = student_and_teacher(teacher_dir, recipe.student, recipe.data,
+                                                           recipe.resolution, "CFG-aware step distillation")
     require_v_prediction(schedule, str(teacher_dir))
     out = start_run(cfg)
     latents, captions = cached_pool(out, t.vae, recipe.pool_size, cfg.seed, data)

@@ -52,6 +52,21 @@ def load_teacher(folder: str | Path) -> TeacherParts:
                         parts["scheduler_config"])
 
 
+def student_and_teacher(teacher_dir, student: str, data: str, resolution: int, what: str):
+    """(dataset, teacher parts, student parts, the shared noise schedule) of a recipe that distils a student folder:
+    the data source is opened first (an empty or unreadable one fails before any load), and the two folders'
+    schedules must match."""
+    from ..data.datasets import open_dataset
+    from ..folder import load_components
+
+    if not student:
+        raise ValueError(f"{what} needs a student folder (--student FOLDER)")
+    dataset = open_dataset(data, resolution)
+    t = load_teacher(teacher_dir)
+    parts = load_components(student)
+    return dataset, t, parts, matching_schedule(t.scheduler_config, parts["scheduler_config"], student, what)
+
+
 def start_run(cfg: TrainConfig) -> Path:
     """The run folder (created) and the seeded global RNG of a recipe's model initialisation."""
     out = Path(cfg.out_dir)

@@ -270,20 +270,11 @@ def pixel_term_vae(recipe: StepRecipe, vae) -> torch.nn.Module | None:
 
 def train_step_distill(cfg, teacher_dir, recipe: StepRecipe, resume: bool = True) -> Path:
     """Distil ``recipe.student`` into a ``student_steps``-step DDIM model of the teacher; writes ``out_dir/model``."""
-    from ..folder import load_components
-    from .common import (export_model, frozen_dtype, load_teacher, matching_schedule, on_device, sampling_check,
-                         start_run)
+    from .common import export_model, frozen_dtype, on_device, sampling_check, start_run, student_and_teacher
     from .trainer import Trainer
 
-    from ..data.datasets import open_dataset
-
-    if not recipe.student:
-        raise ValueError("step distillation needs a student folder (--student FOLDER)")
-    data = open_dataset(recipe.data, recipe.resolution)  # an empty or unreadable source fails before any load
-    t = load_teacher(teacher_dir)
-    student_parts = load_components(recipe.student)
-    schedule = matching_schedule(t.scheduler_config, student_parts["scheduler_config"], recipe.student,
-                                 "step distillation")
+    data, t, student_parts, schedule = student_and_teacher(teacher_dir, recipe.student, recipe.data,
+                                                           recipe.resolution, "step distillation")
     out = start_run(cfg)
     traj, captions = cached_trajectories(out, teacher_dir, recipe, schedule, cfg.seed, data)
     grid = student_grid(schedule, recipe.student_steps)
