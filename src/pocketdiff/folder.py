@@ -171,7 +171,7 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
 
 def _with_surgery(model: torch.nn.Module, config: dict, sub: Path) -> torch.nn.Module:
     """A UNet with the blocks its config removes (``pocketdiff_removed_blocks``) removed; others as they are."""
-    from .models.surgery import REMOVED_KEY, apply_config
+    from .blocks.surgery import REMOVED_KEY, apply_config
 
     if not config.get(REMOVED_KEY):
         return model

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pocketdiff.bench.lut import LatencyTable, arch_digest, measure_lut
-from pocketdiff.models.skipping import skippable_blocks
+from pocketdiff.blocks.skipping import skippable_blocks
 from pocketdiff.models.tiny import tiny_components
 
 
@@ -43,7 +43,7 @@ def test_a_file_that_is_not_a_table_fails_in_one_line(tmp_path):
 def test_removed_blocks_are_not_in_the_table_and_the_arch_changes(unet):
     import copy
 
-    from pocketdiff.models.surgery import remove_blocks
+    from pocketdiff.blocks.surgery import remove_blocks
 
     cut = remove_blocks(copy.deepcopy(unet), [next(iter(skippable_blocks(unet)))])
     lut = measure_lut(cut, resolution=32, runs=1, warmup=0, latent_factor=4)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pocketdiff.bench.lut import LatencyTable, arch_digest
-from pocketdiff.models.skipping import skippable_blocks
+from pocketdiff.blocks.skipping import skippable_blocks
 from pocketdiff.models.tiny import tiny_components
 from pocketdiff.schedule import NoiseSchedule
 from pocketdiff.search.evolve import SearchConfig, candidates, evolve, score
@@ -80,7 +80,7 @@ def test_bad_search_settings_are_refused(bad):
 def test_search_command_writes_a_folder_that_loads_removed(tmp_path, parts, capsys):
     from pocketdiff.cli import main
     from pocketdiff.folder import load_components, save_components
-    from pocketdiff.models.surgery import removed_names
+    from pocketdiff.blocks.surgery import removed_names
 
     src = tmp_path / "teacher"
     save_components(src, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],

@@ -268,7 +268,7 @@ def test_two_processes_train_on_a_caption_folder_with_one_cache_and_one_writer(t
 def test_a_searched_folder_is_a_student_with_its_removed_blocks_frozen(kd_teacher_folder, tmp_path):
     """`pocketdiff search`'s OUT/model as --student: its UNet as it is, removed blocks frozen and still removed."""
     from pocketdiff.folder import load_components, save_components
-    from pocketdiff.models.surgery import remove_blocks, removed_names
+    from pocketdiff.blocks.surgery import remove_blocks, removed_names
     from pocketdiff.train.kd import kd_student
 
     parts = load_components(kd_teacher_folder)

@@ -122,7 +122,7 @@ def measure_lut(unet: torch.nn.Module, *, runtime: str = "torch", resolution: in
                 cfg: bool = True, runs: int = 5, warmup: int = 1, latent_factor: int = 8,
                 seq_len: int | None = None) -> LatencyTable:
     """Measure the table of ``unet``'s ResNet and transformer blocks (blocks already removed are left out)."""
-    from ..models.surgery import is_removed
+    from ..blocks.surgery import is_removed
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")

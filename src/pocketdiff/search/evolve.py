@@ -1,7 +1,7 @@
 """Architecture evolution under a latency budget (SnapFusion, Li et al. 2023, sec. 3.2, Algorithm 1).
 
 The search space is the set of ResNet and transformer (cross-attention) blocks of one robustly trained UNet (see
-:mod:`pocketdiff.models.skipping`): an architecture is the set of blocks removed from it, evaluated without
+:mod:`pocketdiff.blocks.skipping`): an architecture is the set of blocks removed from it, evaluated without
 retraining by skipping them. An action removes one kept block or adds back one removed block; its value is
 
     value(remove b) = (proxy with b removed - proxy now) / (ms saved by removing b)      (quality lost per ms)
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..bench.lut import LatencyTable
-from ..models.skipping import removed as skipped, skippable_blocks
+from ..blocks.skipping import removed as skipped, skippable_blocks
 from .proxy import ValidationSet, proxy_loss
 
 

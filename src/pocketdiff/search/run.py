@@ -3,7 +3,7 @@
 OUT holds ``lut.json`` (the latency table used: given with ``--lut`` or measured here), ``search.jsonl`` (one line
 per round, written as the search goes), ``search.json`` (the summary: target, removed blocks, predicted and
 measured latency, proxy before and after) and ``model/``: the input folder with its UNet's searched blocks
-removed (:mod:`pocketdiff.models.surgery`), which pocketdiff loads at the searched cost and stock diffusers loads
+removed (:mod:`pocketdiff.blocks.surgery`), which pocketdiff loads at the searched cost and stock diffusers loads
 as the same function at the full cost. OUT is written at the end, as a whole; an existing OUT is refused.
 """
 
@@ -65,7 +65,7 @@ def _table(job: SearchJob, unet, size: int, factor: int):
 def measured_ms(unet, lut, removed: list[str], factor: int, runs: int = 10) -> float:
     """The whole UNet step with ``removed`` skipped, measured on torch at the table's settings."""
     from ..bench.measure import component_call, time_call
-    from ..models.skipping import removed as skipped
+    from ..blocks.skipping import removed as skipped
 
     fn, inputs = component_call("unet", unet, resolution=lut.resolution, batch=lut.batch, cfg=lut.cfg,
                                 latent_factor=factor)
@@ -79,7 +79,7 @@ def run_search(job: SearchJob) -> dict:
     from ..files import atomic_folder, write_text
     from ..folder import load_components, save_components
     from ..models.registry import resolve_model
-    from ..models.surgery import count_active_params, remove_blocks
+    from ..blocks.surgery import count_active_params, remove_blocks
     from ..schedule import NoiseSchedule
     from .evolve import SearchConfig, evolve
     from .proxy import proxy_loss, validation_set

@@ -182,7 +182,7 @@ def kd_student(recipe: KDRecipe, teacher: torch.nn.Module) -> torch.nn.Module:
     from ..models.compact import COMPACT_PRESETS, inheritance_for, init_student_from_teacher
 
     if recipe.student not in COMPACT_PRESETS and Path(recipe.student).is_dir():  # e.g. `pocketdiff search`'s OUT/model
-        from ..models.surgery import make_trainable
+        from ..blocks.surgery import make_trainable
 
         return make_trainable(load_components(recipe.student)["unet"].float())
     if recipe.student not in COMPACT_PRESETS:

@@ -194,7 +194,7 @@ class Trainer:
         # not be stepped once per process (accelerate's default would run it N times too fast under DDP).
         from accelerate.utils import DistributedDataParallelKwargs
 
-        from ..models.skipping import StochasticSkipper
+        from ..blocks.skipping import StochasticSkipper
 
         # a skipped block's parameters get no gradient that step: DDP must not wait for them
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.skip_prob > 0 else []

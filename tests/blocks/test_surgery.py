@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from pocketdiff.models.skipping import StochasticSkipper, removed, skippable_blocks
-from pocketdiff.models.surgery import REMOVED_KEY, count_active_params, remove_blocks, removed_names
+from pocketdiff.blocks.skipping import StochasticSkipper, removed, skippable_blocks
+from pocketdiff.blocks.surgery import REMOVED_KEY, count_active_params, remove_blocks, removed_names
 from pocketdiff.models.tiny import tiny_components
 
 CUT = ["down_blocks.1.attentions.0", "up_blocks.0.resnets.1", "down_blocks.1.resnets.0"]

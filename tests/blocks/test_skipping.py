@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from pocketdiff.models.skipping import StochasticSkipper, removed, set_skipped, skippable_blocks
+from pocketdiff.blocks.skipping import StochasticSkipper, removed, set_skipped, skippable_blocks
 from pocketdiff.models.tiny import tiny_components
 
 

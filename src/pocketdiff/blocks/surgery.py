@@ -7,7 +7,7 @@ a transformer's ``proj_out``. So any loader computes exactly what the removal me
 * stock diffusers (``UNet2DConditionModel.from_pretrained``) builds the block, loads the zeros and computes a zero
   residual: the same output as pocketdiff, at the full UNet's cost (it warns that it ignores the config key);
 * pocketdiff reads the config key ``pocketdiff_removed_blocks`` (:data:`REMOVED_KEY`) and patches each block's
-  ``forward`` to its skipped form (:mod:`pocketdiff.models.skipping`: the input, or a ResNet's 1x1 shortcut over
+  ``forward`` to its skipped form (:mod:`pocketdiff.blocks.skipping`: the input, or a ResNet's 1x1 shortcut over
   ``output_scale_factor``), so the block computes nothing: the saving is real in torch, in traced graphs and in
   the ONNX export (exporters trace the patched forward).
 
