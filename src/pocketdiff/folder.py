@@ -140,10 +140,14 @@ def load_model(sub: Path, class_name: str, trust_pickle: bool = False) -> torch.
     if class_name in _DIFFUSERS_MODELS:
         import diffusers
 
+        from .blocks.ops import OPS_KEY, apply_ops, buildable_config
+
         cls = getattr(diffusers, class_name)
         try:
-            with init_empty_weights(include_buffers=False):  # pocketdiff's own key is applied after loading
-                model = cls.from_config({k: v for k, v in config.items() if k != "pocketdiff_removed_blocks"})
+            with init_empty_weights(include_buffers=False):  # pocketdiff's own keys: see _with_surgery
+                model = cls.from_config(buildable_config(config))
+            if config.get(OPS_KEY):  # MobileDiffusion's block operations reshape modules before the weights load
+                model = apply_ops(model, config[OPS_KEY], carry=False)
         except Exception as e:
             raise ModelFolderError(f"{sub / 'config.json'}: not a valid {class_name} config ({str(e).splitlines()[0][:100]})") from None
         stem = "diffusion_pytorch_model"
@@ -263,6 +267,7 @@ def save_components(dest: str | os.PathLike, unet, vae, text_encoder, tokenizer,
     }
     with atomic_folder(dest, overwrite) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        _guard_ops_config(tmp / "unet" / "config.json")
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         save_tokenizer(tokenizer, tmp / "tokenizer")
@@ -274,6 +279,17 @@ def save_components(dest: str | os.PathLike, unet, vae, text_encoder, tokenizer,
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(dest)
+
+
+def _guard_ops_config(path: Path) -> None:
+    """A UNet with block operations saves its block types as ``pocketdiff:<type>``: stock diffusers then refuses to
+    build it (one line naming pocketdiff) rather than load a different function."""
+    from .blocks.ops import saved_config
+
+    config = read_json(path)
+    guarded = saved_config(config)
+    if guarded is not config:
+        path.write_text(json.dumps(guarded, indent=2, sort_keys=True))
 
 
 def store_half(folder: str | os.PathLike, components: tuple[str, ...] = ("unet",)) -> dict[str, tuple[int, int]]:
