@@ -647,6 +647,50 @@ def cmd_train(args) -> int:
 
 
 # ---- data -------------------------------------------------------------------------------------
+# ---- surgery ----------------------------------------------------------------------------------
+def _add_surgery(sub) -> None:
+    from .blocks.ops import OPS
+
+    p = sub.add_parser("surgery", help="MobileDiffusion's block operations on a model folder's UNet (weights carried "
+                                       "over where they can be): writes a new folder to fine-tune (train kd --student)")
+    p.add_argument("src", help="model folder or shipped model name")
+    p.add_argument("out", help="the new folder to write")
+    p.add_argument("--op", action="append", required=True, choices=OPS,
+                   help="an operation, in order (repeatable): " + ", ".join(OPS))
+    p.add_argument("--blocks", default="all", help="comma-separated UNet block name prefixes the operations touch")
+    p.add_argument("--trim-ratio", type=float, default=0.5, help="trim_ff: the inner width kept")
+    p.set_defaults(func=cmd_surgery)
+
+
+def cmd_surgery(args) -> int:
+    from .blocks.ops import apply_ops
+    from .folder import load_components, save_components
+    from .models.registry import resolve_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise PocketdiffError(f"{out}: already exists; choose another OUT")
+    folder = resolve_model(args.src)
+    parts = load_components(folder)
+    unet = parts["unet"].float()
+    before = sum(p.numel() for p in unet.parameters())
+    blocks = "all" if args.blocks == "all" else [b.strip() for b in args.blocks.split(",") if b.strip()]
+    specs = [{"op": op, "blocks": blocks, **({"ratio": args.trim_ratio} if op == "trim_ff" else {})} for op in args.op]
+    try:
+        apply_ops(unet, specs)
+    except ValueError as e:
+        raise PocketdiffError(str(e)) from None
+    card = json.loads((folder / "pocketdiff.json").read_text()) if (folder / "pocketdiff.json").is_file() else {}
+    card.update(description=f"{folder.name} with block operations {', '.join(args.op)} (not fine-tuned)",
+                block_ops=specs)
+    save_components(out, unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler_config"],
+                    extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    after = sum(p.numel() for p in unet.parameters())
+    print(f"UNet {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters; wrote {out} (fine-tune it: "
+          f"pocketdiff train kd --student {out} ...)")
+    return 0
+
+
 # ---- search -----------------------------------------------------------------------------------
 def _add_search(sub) -> None:
     p = sub.add_parser("search", help="architecture evolution (SnapFusion): remove the UNet blocks that cost the "
@@ -700,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_export(sub)
     _add_search(sub)
+    _add_surgery(sub)
     from .serve.cli import add_serve
 
     add_serve(sub, _add_threads)

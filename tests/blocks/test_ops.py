@@ -121,3 +121,17 @@ def test_onnx_export_of_an_operated_unet_passes_the_parity_gate(parts, tmp_path)
                     parts["scheduler_config"])
     assert main(["export", str(tmp_path / "m"), "--format", "onnx", "-o", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "unet.onnx").is_file()
+
+
+def test_surgery_command_writes_a_folder_and_refuses_an_existing_out(parts, tmp_path, capsys):
+    from pocketdiff.cli import main
+    from pocketdiff.folder import load_components, save_components
+
+    save_components(tmp_path / "src", parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                    parts["scheduler_config"])
+    args = ["surgery", str(tmp_path / "src"), str(tmp_path / "out"), "--op", "trim_ff", "--trim-ratio", "0.25",
+            "--op", "cross_only", "--blocks", "up_blocks"]
+    assert main(args) == 0 and "parameters" in capsys.readouterr().out
+    unet = load_components(tmp_path / "out")["unet"]
+    assert [s["op"] for s in unet.config[OPS_KEY]] == ["trim_ff", "cross_only"]
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
