@@ -634,22 +634,25 @@ def section_plot() -> str:
 
 def section_search_sd() -> str:
     out, r = _section("Architecture evolution at SD-v1.5 scale: structure and latency (issue 24)",
-                      "`pocketdiff search`'s loop (SnapFusion's Algorithm 1) on SD-v1.5's UNet with random weights, "
-                      "against this CPU's 512 px latency table (torch, one CFG batch of 2, per ResNet / transformer "
-                      "block; `bench --lut`). Random weights carry no quality, so the proxy here is function "
-                      "preservation (the pruned UNet's output against the full one's on 8 fixed random 128 px "
-                      "inputs): the ranking is structural, not a quality ranking. The searched UNet is measured "
-                      "interleaved with SD-v1.5, BK-SDM-Tiny and the MobileDiffusion-style `mobile-sd` at 512 px.",
+                      "`pocketdiff search`'s loop (SnapFusion's Algorithm 1) on UNets with random weights, against "
+                      "this CPU's 512 px latency tables (torch, one CFG batch of 2, per ResNet / transformer block; "
+                      "`bench --lut`), to a fraction of SD-v1.5's tabled step. Random weights carry no quality, so "
+                      "the proxy here is function preservation (the pruned UNet's output against the full one's on "
+                      "8 fixed random 128 px inputs): the ranking is structural, not a quality ranking. `keep N` "
+                      "never removes the last N transformer blocks (without it nothing keeps the UNet reading the "
+                      "text). The searched UNets are measured interleaved with SD-v1.5, BK-SDM-Tiny and the "
+                      "MobileDiffusion-style `mobile-sd` at 512 px.",
                       "search_sd.json", "python benchmarks/search_sd.py --threads 1")
-    if r:
+    if r and "searches" in r:
         out += _table(["UNet", "active params M", "GMACs / step", "median ms / step", "vs SD-v1.5"],
                       [[x["model"], f"{x['params_m']:.0f}", f"{x['gmacs']:.0f}", f"{x['median_ms']:.0f}",
                         f"{x['vs_sd15']:.2f}x"] for x in r["rows"]])
-        kinds = r["removed_by_type"]
-        out.append(f"\nTarget {r['target_ratio']:.2f}x of the table's step ({r['target_ms']:.0f} ms): the search "
-                   f"removed {len(r['removed'])} of {r['blocks']} blocks ({kinds.get('ResnetBlock2D', 0)} ResNets, "
-                   f"{kinds.get('Transformer2DModel', 0)} transformers) in {r['rounds']} rounds; the table predicted "
-                   f"{r['predicted_ms']:.0f} ms. Removed: {', '.join('`' + n + '`' for n in r['removed'])}.")
+        for x in r["searches"]:
+            kinds = x["removed_by_type"]
+            out.append(f"\n`{x['label']}`: target {r['target_ratio']:.2f}x of SD-v1.5's tabled step "
+                       f"({x['target_ms']:.0f} ms); removed {len(x['removed'])} of {x['blocks']} blocks "
+                       f"({kinds.get('ResnetBlock2D', 0)} ResNets, {kinds.get('Transformer2DModel', 0)} transformers) "
+                       f"in {x['rounds']} rounds, {x['predicted_ms']:.0f} ms predicted by its table.")
     return "\n".join(out) + "\n"
 
 

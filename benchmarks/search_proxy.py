@@ -39,7 +39,7 @@ def measure_model(folder: Path, actions: list[list[str]], args) -> dict:
     from scipy.stats import spearmanr
 
     from pocketdiff.eval.quality import evaluate
-    from pocketdiff.models.skipping import removed
+    from pocketdiff.blocks.skipping import removed
     from pocketdiff.pipeline import Pipeline
     from pocketdiff.search.proxy import proxy_loss, validation_set
 
@@ -77,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     from pocketdiff.folder import load_components
     from pocketdiff.models.registry import resolve_model
-    from pocketdiff.models.skipping import skippable_blocks
+    from pocketdiff.blocks.skipping import skippable_blocks
     from pocketdiff.threads import apply_threads
 
     threads, why = apply_threads(args.threads)

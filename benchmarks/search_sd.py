@@ -1,16 +1,18 @@
 """`pocketdiff search` at SD-v1.5 scale (random weights: the structure and the latency only).
 
-    python benchmarks/search_sd.py [--target-ratio 0.2] [--threads 1]
+    python benchmarks/search_sd.py [--target-ratio 0.2] [--search sd15-unet:0 --search mobile-sd:4] [--threads 1]
 
-1. The latency table of SD-v1.5's UNet at 512 px on this CPU (torch, one CFG batch of 2), per ResNet / transformer.
-2. The search to ``target-ratio`` of the measured step. With random weights no quality can be measured, so the
-   proxy is *function preservation*: the squared difference between the pruned and the full UNet's outputs on 8
-   fixed random inputs at 128 px (16x16 latents, random text states), per ms saved. It ranks blocks by how much of
-   the random network's output they carry: a structural ranking, not a quality one.
-3. The searched UNet measured against SD-v1.5, BK-SDM-Tiny and the MobileDiffusion-style ``mobile-sd``, interleaved
-   in one process: active params, GMACs and median ms of a 512 px step; the table's prediction beside it.
+1. Latency tables at 512 px on this CPU (torch, one CFG batch of 2), per ResNet / transformer block, of each
+   searched base UNet (SD-v1.5's, and the MobileDiffusion-style ``mobile-sd``: narrower, attention at low
+   resolution only); cached in docs/results/search_sd_lut_<base>.json and reused on as many threads.
+2. Each search (``BASE:KEEP``: never remove the last KEEP transformers) to ``target-ratio`` of SD-v1.5's tabled
+   step. With random weights no quality can be measured, so the proxy is *function preservation*: the squared
+   difference between the pruned and the full UNet's outputs on 8 fixed random inputs at 128 px (16x16 latents,
+   random text states), per ms saved: a structural ranking, not a quality one.
+3. The searched UNets measured against SD-v1.5, BK-SDM-Tiny and ``mobile-sd``, interleaved in one process: active
+   params, GMACs and median ms of a 512 px step.
 
-Writes docs/results/search_sd.json (and the table, search_sd_lut.json, reused by a rerun on as many threads).
+Writes docs/results/search_sd.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
 
 
 def function_set(unet, n: int = 8, side: int = 16, seed: int = 0):
@@ -45,8 +48,8 @@ def measure_rows(models: dict, runs: int) -> list[dict]:
     import time
 
     from pocketdiff.bench.measure import component_call, count_macs
-    from pocketdiff.models.skipping import removed as skipped
-    from pocketdiff.models.surgery import count_active_params
+    from pocketdiff.blocks.skipping import removed as skipped
+    from pocketdiff.blocks.surgery import count_active_params
 
     calls, times, rows = {}, {}, []
     for name, (unet, cut) in models.items():
@@ -70,48 +73,66 @@ def measure_rows(models: dict, runs: int) -> list[dict]:
     return rows
 
 
+def table(unet, path: Path, runs: int, threads: int):
+    """The 512 px latency table of ``unet``: read from ``path`` when it is of this UNet and thread count."""
+    from pocketdiff.bench.lut import LatencyTable, arch_digest, measure_lut
+
+    if path.is_file():
+        lut = LatencyTable.load(path)
+        if lut.arch == arch_digest(unet) and lut.threads == threads:
+            return lut
+    lut = measure_lut(unet, resolution=512, runs=runs, warmup=1)
+    lut.save(path)
+    return lut
+
+
+def search(base: str, unet, sd_ms: float, args, threads: int, keep: int) -> dict:
+    from pocketdiff.search.evolve import SearchConfig, evolve
+
+    lut = table(unet, RESULTS / f"search_sd_lut_{base}.json", args.runs, threads)
+    target = args.target_ratio * sd_ms
+    result = evolve(unet, lut, function_set(unet), SearchConfig(target, actions_per_round=args.actions_per_round,
+                                                                keep_attention=keep),
+                    log=lambda r: print(f"{base} keep {keep}, round {r['round']}: "
+                                        f"{[e['block'] for e in r['executed']]} -> {r['predicted_ms']:.0f} ms",
+                                        flush=True))
+    kinds = {k: sum(1 for n in result.removed if lut.blocks[n]["type"] == k)
+             for k in ("ResnetBlock2D", "Transformer2DModel")}
+    return {"base": base, "keep_attention": keep, "label": f"searched ({base}, keep {keep})",
+            "target_ms": target, "predicted_ms": result.predicted_ms, "removed": result.removed,
+            "removed_by_type": kinds, "blocks": len(lut.blocks), "table_total_ms": lut.total_ms,
+            "rounds": len(result.rounds)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target-ratio", type=float, default=0.2)
+    ap.add_argument("--target-ratio", type=float, default=0.2, help="of SD-v1.5's step in its own table")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per block and per model")
     ap.add_argument("--actions-per-round", type=int, default=4)
-    ap.add_argument("--lut", default=str(ROOT / "docs" / "results" / "search_sd_lut.json"),
-                    help="the latency table: read when it exists (and is of this UNet), else measured and written")
+    ap.add_argument("--search", action="append", default=None, metavar="BASE:KEEP",
+                    help="a search to run: base UNet preset and transformers kept (default: sd15-unet:0, "
+                         "mobile-sd:4)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "search_sd.json"))
+    ap.add_argument("--out", default=str(RESULTS / "search_sd.json"))
     args = ap.parse_args()
-    from pocketdiff.bench.lut import LatencyTable, arch_digest, measure_lut
     from pocketdiff.models import presets
-    from pocketdiff.search.evolve import SearchConfig, evolve
     from pocketdiff.threads import apply_threads
 
     threads, why = apply_threads(args.threads)
     torch.manual_seed(0)
-    sd = presets.build("sd15-unet")[1].eval()
-    lut = None
-    if Path(args.lut).is_file():
-        lut = LatencyTable.load(args.lut)
-        lut = lut if lut.arch == arch_digest(sd) and lut.threads == threads else None
-    if lut is None:
-        lut = measure_lut(sd, resolution=512, runs=args.runs, warmup=1)
-        lut.save(args.lut)
-    print(f"table: {len(lut.blocks)} blocks, step {lut.total_ms:.0f} ms", flush=True)
-    target = args.target_ratio * lut.total_ms
-    result = evolve(sd, lut, function_set(sd), SearchConfig(target, actions_per_round=args.actions_per_round),
-                    log=lambda r: print(f"round {r['round']}: {[e['block'] for e in r['executed']]} -> "
-                                        f"{r['predicted_ms']:.0f} ms", flush=True))
-    models = {"sd15-unet": (sd, []), "searched": (sd, result.removed),
-              "bk-sdm-tiny": (presets.build("bk-sdm-tiny")[1].eval(), []),
-              "mobile-sd": (presets.build("mobile-sd")[1].eval(), [])}
+    unets = {name: presets.build(name)[1].eval() for name in ("sd15-unet", "bk-sdm-tiny", "mobile-sd")}
+    sd_ms = table(unets["sd15-unet"], RESULTS / "search_sd_lut_sd15-unet.json", args.runs, threads).total_ms
+    searches = [search(b, unets[b], sd_ms, args, threads, int(k)) for b, k in
+                (x.split(":") for x in (args.search or ["sd15-unet:0", "mobile-sd:4"]))]
+    models = {"sd15-unet": (unets["sd15-unet"], []), "bk-sdm-tiny": (unets["bk-sdm-tiny"], []),
+              "mobile-sd": (unets["mobile-sd"], [])}
+    models.update({r["label"]: (unets[r["base"]], r["removed"]) for r in searches})
     rows = measure_rows(models, args.runs)
     for r in rows:
-        print(f"{r['model']:12s} {r['params_m']:8.1f} M {r['gmacs']:8.1f} GMACs {r['median_ms']:9.0f} ms "
+        print(f"{r['model']:32s} {r['params_m']:8.1f} M {r['gmacs']:8.1f} GMACs {r['median_ms']:9.0f} ms "
               f"{r['vs_sd15']:.2f}x")
-    by_kind = {k: sum(1 for n in result.removed if lut.blocks[n]["type"] == k) for k in ("ResnetBlock2D",
-                                                                                          "Transformer2DModel")}
-    report = {"threads": threads, "threads_why": why, "target_ratio": args.target_ratio, "target_ms": target,
-              "table_total_ms": lut.total_ms, "predicted_ms": result.predicted_ms, "removed": result.removed,
-              "removed_by_type": by_kind, "blocks": len(lut.blocks), "rounds": len(result.rounds), "rows": rows,
+    report = {"threads": threads, "threads_why": why, "target_ratio": args.target_ratio, "sd15_table_ms": sd_ms,
+              "searches": searches, "rows": rows,
               "command": "python benchmarks/search_sd.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -706,6 +706,8 @@ def _add_search(sub) -> None:
     p.add_argument("--kinds", default="all", help="blocks to search over: all | attention | resnet | name prefixes")
     p.add_argument("--actions-per-round", type=int, default=1, help="actions executed per round")
     p.add_argument("--max-rounds", type=int, default=200)
+    p.add_argument("--keep-attention", type=int, default=0,
+                   help="never remove the last N transformer blocks (keeps the UNet reading the text)")
     p.add_argument("--val-n", type=int, default=128, help="validation latents of the quality proxy")
     p.add_argument("--foreground-weight", type=float, default=4.0, help="object weight of the proxy's loss")
     p.add_argument("--data", default="shapes", help="the proxy's images: shapes, an image folder or tar shards")
@@ -719,7 +721,7 @@ def cmd_search(args) -> int:
 
     job = SearchJob(args.model, args.out, args.target_ms, args.target_ratio, args.lut, args.runtime, args.kinds,
                     args.actions_per_round, args.max_rounds, args.val_n, args.foreground_weight, args.data,
-                    args.resolution)
+                    args.resolution, keep_attention=args.keep_attention)
     s = run_search(job)
     measured = f", measured {s['measured_ms_torch']:.2f} ms" if s["measured_ms_torch"] else ""
     print(f"removed {len(s['removed'])} blocks in {s['rounds']} rounds: predicted {s['predicted_ms']:.2f} ms"

@@ -103,3 +103,14 @@ def test_search_needs_one_target(tmp_path, capsys):
 
     assert main(["search", "tiny-random", "--out", str(tmp_path / "x")]) == 2
     assert "--target-ms" in capsys.readouterr().err
+
+
+def test_keep_attention_leaves_the_last_transformers(parts, vset):
+    unet = parts["unet"].eval()
+    lut = _lut(unet)
+    for n in lut.blocks:
+        lut.blocks[n]["type"] = type(skippable_blocks(unet)[n]).__name__
+    n_attn = sum(r["type"] == "Transformer2DModel" for r in lut.blocks.values())
+    result = evolve(unet, lut, vset, SearchConfig(target_ms=1.0, keep_attention=1, actions_per_round=3))
+    removed_attn = [n for n in result.removed if lut.blocks[n]["type"] == "Transformer2DModel"]
+    assert len(removed_attn) == n_attn - 1  # the target is out of reach: all else goes, one transformer stays

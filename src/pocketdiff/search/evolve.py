@@ -37,10 +37,11 @@ class SearchConfig:
     actions_per_round: int = 1  # actions executed per round (re-scored after each round)
     max_rounds: int = 200
     protect: tuple[str, ...] = ()  # name prefixes never removed
+    keep_attention: int = 0  # never remove the last N transformer (cross-attention) blocks: keeps text conditioning
 
     def __post_init__(self) -> None:
-        if self.target_ms <= 0 or self.actions_per_round < 1 or self.max_rounds < 1:
-            raise ValueError("target_ms must be > 0, actions_per_round and max_rounds >= 1")
+        if self.target_ms <= 0 or self.actions_per_round < 1 or self.max_rounds < 1 or self.keep_attention < 0:
+            raise ValueError("target_ms must be > 0, actions_per_round and max_rounds >= 1, keep_attention >= 0")
 
 
 @dataclass
@@ -79,8 +80,20 @@ def _round(unet, lut, vset, cfg: SearchConfig, pool: list[str], removed_set: set
     """(scored rows, executed rows) of one round."""
     lat = lut.predict(removed_set)
     if lat > cfg.target_ms:
-        rows = score(unet, lut, vset, removed_set, [b for b in pool if b not in removed_set], base, "remove")
-        return rows, rows[:cfg.actions_per_round]
+        attention = [b for b in pool if lut.blocks[b]["type"] == "Transformer2DModel"]
+        spare = len([b for b in attention if b not in removed_set]) - cfg.keep_attention  # removable transformers
+        open_ = [b for b in pool if b not in removed_set and (spare > 0 or b not in attention)]
+        rows = score(unet, lut, vset, removed_set, open_, base, "remove")
+        done = []
+        for r in rows:
+            if len(done) == cfg.actions_per_round:
+                break
+            if r["block"] in attention:
+                if spare <= 0:
+                    continue
+                spare -= 1
+            done.append(r)
+        return rows, done
     rows = score(unet, lut, vset, removed_set, sorted(removed_set), base, "add")
     done, budget = [], cfg.target_ms - lat
     for r in rows:

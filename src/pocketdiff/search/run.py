@@ -33,6 +33,7 @@ class SearchJob:
     resolution: int = 0  # the table's image size in pixels (0: the model's own)
     batch: int = 1  # the table's images per call (the UNet runs 2x for CFG)
     runs: int = 5  # timed runs per block
+    keep_attention: int = 0  # never remove the last N transformer blocks (text conditioning)
 
     def check(self) -> None:
         if (self.target_ms > 0) == (self.target_ratio > 0):
@@ -107,7 +108,8 @@ def run_search(job: SearchJob) -> dict:
                 print(f"round {record['round']}: {moves} -> {record['predicted_ms']:.2f} ms predicted "
                       f"(target {target:.2f}), proxy {record['proxy_before']:.4f}", flush=True)
 
-            result = evolve(unet, lut, vset, SearchConfig(target, job.kinds, job.actions_per_round, job.max_rounds),
+            result = evolve(unet, lut, vset, SearchConfig(target, job.kinds, job.actions_per_round, job.max_rounds,
+                                                             keep_attention=job.keep_attention),
                             log=write)
         summary = {"model": str(folder), "target_ms": target, "table": {k: getattr(lut, k) for k in
                                                                          ("runtime", "resolution", "batch", "cfg",
