@@ -14,7 +14,7 @@ if [ ! -d runs/teacher-robust/model ]; then
     --max-minutes "$ROBUST_MIN" --threads 1 --out-dir runs/teacher-robust
 fi
 if [ ! -d runs/search-v2 ]; then
-  pocketdiff search runs/teacher-robust/model --out runs/search-v2 --target-ratio "$RATIO" --threads 1
+  pocketdiff search runs/teacher-robust/model --out runs/search-v2 --target-ratio "$RATIO" --keep-attention 2 --threads 1
 fi
 pocketdiff train kd --teacher shapes-teacher --student runs/search-v2/model --steps 4000 --batch-size 32 \
   --feature-weight 0.1 --foreground-weight 4 --keep-best all_correct --monitor-every-s 1200 \
