@@ -20,6 +20,8 @@ from .cfg_step import CfgStepRecipe
 from .clip import DEFAULT_TRAIN as CLIP_TRAIN
 from .decoder import DEFAULT_TRAIN as DECODER_TRAIN
 from .decoder import DecoderRecipe
+from .gan import DEFAULT_TRAIN as GAN_TRAIN
+from .gan import GanRecipe
 from .kd import DEFAULT_TRAIN as KD_TRAIN
 from .kd import KDRecipe
 from .lcm import DEFAULT_TRAIN as LCM_TRAIN
@@ -73,6 +75,10 @@ RECIPES: dict[str, Recipe] = {
                        "per student step; --p-cfg, --w-min/--w-max, --gamma; --mode direct|progressive)",
                        CfgStepRecipe, CFG_STEP_TRAIN, "cfg_step:train_cfg_step", needs_teacher=True,
                        models=("student",), student_defaults_to_teacher=True),
+    "gan": Recipe("UFOGen / DiffusionGAN one-step fine-tuning of --student (a distilled few-step model): a trained "
+                  "discriminator from the UNet's encoder half, the reconstruction term; writes a 1-step model",
+                  GanRecipe, GAN_TRAIN, "gan:train_gan", needs_teacher=True, models=("student",),
+                  student_defaults_to_teacher=True),
     "decoder": Recipe("a channel-pruned VAE distilled from the teacher's on --generator's latents (SnapFusion); "
                       "writes OUT/vae and OUT/model", DecoderRecipe, DECODER_TRAIN, "decoder:train_decoder",
                       needs_teacher=True, models=("generator",)),
