@@ -55,7 +55,22 @@ def evaluate(pipe, *, n: int = 500, steps: int = 25, sampler: str = "dpmpp_2m", 
     summary = aggregate(results)
     extra = clip_metrics(clip, np.stack(images), prompts, seed) if clip is not None else {"clip_score": None, "fd": None}
     return {"n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,
-            "seconds_per_image": seconds / n, "batch_size": batch_size, **extra, **summary}
+            "seconds_per_image": seconds / n, "batch_size": batch_size, **extra, **summary,
+            "per_prompt": [bool(r["all_correct"]) for r in results]}  # for paired tests between models
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """The exact McNemar test of two models' all-correct on the same prompts and seeds: the discordant counts
+    (a right where b is wrong, and the reverse) and the two-sided binomial p-value of their split."""
+    import math
+
+    if len(a) != len(b):
+        raise ValueError(f"paired results need the same prompts: {len(a)} vs {len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
 
 
 def markdown_row(name: str, r: dict) -> str:
