@@ -1,8 +1,9 @@
 """Blocks removed from a UNet for good: what an architecture search outputs (SnapFusion's evolved UNet).
 
 A removed block (a ``ResnetBlock2D`` or a ``Transformer2DModel`` named as in the UNet's ``named_modules``) stays in
-the module tree and in the state dict, with the layer that ends its residual branch zeroed: a ResNet's ``conv2``,
-a transformer's ``proj_out``. So any loader computes exactly what the removal means:
+the module tree and in the state dict, every weight zero but a ResNet's 1x1 shortcut (so the layer that ends its
+residual branch, a ResNet's ``conv2`` or a transformer's ``proj_out``, gives 0). So any loader computes exactly
+what the removal means:
 
 * stock diffusers (``UNet2DConditionModel.from_pretrained``) builds the block, loads the zeros and computes a zero
   residual: the same output as pocketdiff, at the full UNet's cost (it warns that it ignores the config key);
@@ -14,7 +15,7 @@ a transformer's ``proj_out``. So any loader computes exactly what the removal me
 A removed block is frozen (no gradient reaches it, and training keeps its zeros), and stochastic skipping leaves
 it alone. What diffusers' config cannot say, this key says: removing one ResNet of a block changes neither the
 block's type nor ``layers_per_block`` (whose count also sets the skip connections of the up path), so such a
-removal is expressible only by this key; the bytes on disk still hold the removed blocks' other weights.
+removal is expressible only by this key; the file keeps the removed blocks' tensors, as zeros.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def is_removed(module: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def _zero_residual(block: torch.nn.Module) -> None:
-    last = block.conv2 if type(block).__name__ == "ResnetBlock2D" else block.proj_out
-    for tensor in (getattr(last, "weight", None), getattr(last, "bias", None)):
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():  # (an int8 layer is never run)
+    """Zero every weight of the block but a ResNet's kept 1x1 shortcut: its residual branch then computes 0 in any
+    loader, and the zeros cost next to nothing once compressed (git, archives)."""
+    shortcut = getattr(block, "conv_shortcut", None)
+    keep = {id(p) for p in shortcut.parameters()} if shortcut is not None else set()
+    for tensor in list(block.parameters()) + list(block.buffers()):
+        if id(tensor) not in keep and tensor.is_floating_point():  # (an int8 layer is never run)
             tensor.zero_()
 
 
