@@ -98,3 +98,14 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def unet_output(unet, seed: int = 0):
+    """One no-grad call of a tiny test UNet (4 latent channels, 32-wide text states) on fixed seeded inputs: two
+    8x8 latents at t = 10 and 500; what block-surgery tests compare."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample

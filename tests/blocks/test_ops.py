@@ -9,6 +9,7 @@ import torch
 
 from pocketdiff.blocks.ops import OPS, OPS_KEY, NoAttention, SeparableConv2d, apply_ops
 from pocketdiff.models.tiny import tiny_components
+from pocketdiff.testing import unet_output as _call
 
 
 @pytest.fixture
@@ -16,11 +17,6 @@ def parts():
     return tiny_components(0, prediction_type="v_prediction")
 
 
-def _call(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
 
 
 def _n(unet):

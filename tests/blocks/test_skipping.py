@@ -7,6 +7,7 @@ import torch
 
 from pocketdiff.blocks.skipping import StochasticSkipper, removed, set_skipped, skippable_blocks
 from pocketdiff.models.tiny import tiny_components
+from pocketdiff.testing import unet_output as _call
 
 
 @pytest.fixture
@@ -14,11 +15,6 @@ def unet():
     return tiny_components(0)["unet"].eval()
 
 
-def _call(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
 
 
 def test_blocks_are_listed_by_kind_and_prefix(unet):

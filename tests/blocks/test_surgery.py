@@ -9,15 +9,11 @@ import torch
 from pocketdiff.blocks.skipping import StochasticSkipper, removed, skippable_blocks
 from pocketdiff.blocks.surgery import REMOVED_KEY, count_active_params, remove_blocks, removed_names
 from pocketdiff.models.tiny import tiny_components
+from pocketdiff.testing import unet_output as _call
 
 CUT = ["down_blocks.1.attentions.0", "up_blocks.0.resnets.1", "down_blocks.1.resnets.0"]
 
 
-def _call(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
 
 
 def _names(unet):
