@@ -132,9 +132,7 @@ def _attention_op(unet, spec, carry: bool) -> None:
         if spec["op"] == "relu_attention":
             for attn in attns:
                 if not isinstance(attn, NoAttention):
-                    proc = _processor(attn)
-                    proc.relu = True
-                    attn.set_processor(proc)
+                    _processor(attn).relu = True
         elif not isinstance(block.attn1, NoAttention) and not block.only_cross_attention:  # shared_kv: self only
             proc = _processor(block.attn1)
             proc.shared_kv = True

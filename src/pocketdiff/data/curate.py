@@ -70,17 +70,20 @@ class Item:
     original_caption: str | None = None
     original_size: tuple[int, int] | None = None
     thumb: str | None = None  # a base64 PNG thumbnail for the contact sheet
+    kinds: list[str] = field(default_factory=list)  # each reason's kind, for the counts
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, kind: str | None = None) -> None:
         if self.image is not None:
             self.thumb = _thumb(self.image)
         self.status, self.image = "dropped", None
         self.reasons.append(reason)
+        self.kinds.append(kind or reason)
 
-    def change(self, reason: str) -> None:
+    def change(self, reason: str, kind: str | None = None) -> None:
         if self.status != "dropped":
             self.status = "changed"
         self.reasons.append(reason)
+        self.kinds.append(kind or reason)
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -124,9 +127,9 @@ def size_step(item: Item, cfg: CurateConfig) -> None:
     h, w = item.image.shape[:2]
     short, long = min(h, w), max(h, w)
     if cfg.min_size and short < cfg.min_size:
-        item.drop(f"small ({w}x{h} < {cfg.min_size} px)")
+        item.drop(f"small ({w}x{h} < {cfg.min_size} px)", "small")
     elif cfg.max_aspect and long / short > cfg.max_aspect:
-        item.drop(f"aspect {long / short:.2f} > {cfg.max_aspect}")
+        item.drop(f"aspect {long / short:.2f} > {cfg.max_aspect}", "aspect")
 
 
 def fit_step(item: Item, cfg: CurateConfig) -> None:
@@ -137,7 +140,7 @@ def fit_step(item: Item, cfg: CurateConfig) -> None:
     h, w = item.image.shape[:2]
     if cfg.resolution and (h, w) != (cfg.resolution, cfg.resolution):
         item.image = fit(Image.fromarray(item.image), cfg.resolution)
-        item.change(f"fitted from {w}x{h}")
+        item.change(f"fitted from {w}x{h}", "fitted")
 
 
 class Deduplicator:
@@ -210,7 +213,7 @@ def score_step(items: list[Item], scorer: Scorer | None, threshold: float | None
         return
     for it, s in zip(live, scorer([it.image for it in live], [it.caption for it in live])):
         if float(s) < threshold:
-            it.drop(f"agreement {float(s):.3f} < {threshold}")
+            it.drop(f"agreement {float(s):.3f} < {threshold}", "agreement")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def _first_steps(entry, cfg: CurateConfig, dedup: Deduplicator | None) -> Item:
         h = phash(item.image)
         hit = dedup.find(h)
         if hit is not None:
-            item.drop(f"duplicate of {hit[0]} ({hit[1]} bits)")
+            item.drop(f"duplicate of {hit[0]} ({hit[1]} bits)", "duplicate")
         else:
             dedup.add(h, key)
     return item
@@ -308,9 +311,8 @@ def summarise(report: list[Item], source, cfg: CurateConfig) -> dict:
               "dropped": sum(it.status == "dropped" for it in report)}
     by_reason: dict[str, int] = {}
     for it in report:
-        for r in it.reasons:
-            word = r.split(" (")[0].split(" of ")[0].split(" from ")[0].split(" <")[0].split(" >")[0]
-            by_reason[word] = by_reason.get(word, 0) + 1
+        for kind in it.kinds:
+            by_reason[kind] = by_reason.get(kind, 0) + 1
     return {"source": str(source), "config": asdict(cfg), "counts": counts, "by_reason": by_reason,
             "items": [{"key": it.key, "status": it.status, "reasons": it.reasons, "caption": it.caption,
                        "original_caption": it.original_caption, "original_size": it.original_size}
