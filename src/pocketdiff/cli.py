@@ -712,6 +712,10 @@ def _add_search(sub) -> None:
     p.add_argument("--foreground-weight", type=float, default=4.0, help="object weight of the proxy's loss")
     p.add_argument("--data", default="shapes", help="the proxy's images: shapes, an image folder or tar shards")
     p.add_argument("--resolution", type=int, default=0, help="the table's image size (default: the model's)")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="robust-training steps before each round (SnapFusion's interleaving; 0: search as trained)")
+    p.add_argument("--skip-prob", type=float, default=0.1, help="those steps' skip probability per kept block")
+    p.add_argument("--train-lr", type=float, default=2e-5, help="those steps' learning rate (constant)")
     _add_threads(p)
     p.set_defaults(func=cmd_search)
 
@@ -721,7 +725,8 @@ def cmd_search(args) -> int:
 
     job = SearchJob(args.model, args.out, args.target_ms, args.target_ratio, args.lut, args.runtime, args.kinds,
                     args.actions_per_round, args.max_rounds, args.val_n, args.foreground_weight, args.data,
-                    args.resolution, keep_attention=args.keep_attention)
+                    args.resolution, keep_attention=args.keep_attention, train_steps=args.train_steps,
+                    skip_prob=args.skip_prob, train_lr=args.train_lr)
     s = run_search(job)
     measured = f", measured {s['measured_ms_torch']:.2f} ms" if s["measured_ms_torch"] else ""
     print(f"removed {len(s['removed'])} blocks in {s['rounds']} rounds: predicted {s['predicted_ms']:.2f} ms"

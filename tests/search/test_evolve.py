@@ -114,3 +114,43 @@ def test_keep_attention_leaves_the_last_transformers(parts, vset):
     result = evolve(unet, lut, vset, SearchConfig(target_ms=1.0, keep_attention=1, actions_per_round=3))
     removed_attn = [n for n in result.removed if lut.blocks[n]["type"] == "Transformer2DModel"]
     assert len(removed_attn) == n_attn - 1  # the target is out of reach: all else goes, one transformer stays
+
+
+def test_interleaved_robust_training_trains_the_kept_blocks_without_the_removed(tmp_path, parts, vset):
+    import copy
+
+    import torch
+
+    from pocketdiff.data.datasets import open_dataset
+    from pocketdiff.search.robust import RobustRounds, round_trainer
+
+    unet = copy.deepcopy(parts["unet"]).float()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    removed = {sorted(skippable_blocks(unet))[0]}
+    train = round_trainer(unet, parts, open_dataset("shapes"), tmp_path / "robust",
+                          RobustRounds(steps=2, skip_prob=0.2, batch_size=2, pool_size=4, lr=1e-3))
+    train(unet, removed, 0)
+    train(unet, removed, 1)
+    assert not unet.training
+    changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any(k.startswith(next(iter(removed)) + ".") for k in changed)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "robust" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4  # the second round continued the first, to (k + 1) * steps
+    proxy_loss(unet, vset)  # the proxy scores the trained UNet where it is
+
+
+def test_search_command_with_training_between_rounds(tmp_path, parts):
+    from pocketdiff.cli import main
+    from pocketdiff.folder import save_components
+
+    src = tmp_path / "teacher"
+    save_components(src, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                    parts["scheduler_config"])
+    out = tmp_path / "searched"
+    assert main(["search", str(src), "--out", str(out), "--target-ratio", "0.7", "--val-n", "8", "--threads", "1",
+                 "--train-steps", "1", "--max-rounds", "2"]) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["train_steps_per_round"] == 1 and (out / "robust_log.jsonl").is_file()
+    assert not (out / "robust").exists()
+    assert main(["search", str(src), "--out", str(tmp_path / "x"), "--target-ratio", "0.7",
+                 "--train-steps", "1", "--skip-prob", "0"]) == 2

@@ -98,12 +98,14 @@ class StochasticSkipper:
             raise ValueError(f"skip probability must be in [0, 1), got {p}")
         self.blocks = skippable_blocks(model, kinds, trained_only=True) if p > 0 else {}
         self.p, self.seed = p, seed
+        self.always: set[str] = set()  # blocks skipped at every step (a search's removed blocks), of self.blocks
         if p > 0 and not self.blocks:
             raise ValueError(f"block skipping: no {kinds!r} blocks in the trained model's UNet")
 
     def draw(self, step: int) -> list[str]:
         rng = np.random.default_rng([self.seed, 0x5C1B, step])
-        return [name for name in self.blocks if rng.random() < self.p]
+        drawn = [name for name in self.blocks if rng.random() < self.p]  # one draw per block: same stream always
+        return sorted(set(drawn) | self.always)
 
     @contextlib.contextmanager
     def step(self, step: int):

@@ -6,7 +6,7 @@ validation latent: ``n`` training-distribution latents (the VAE's posterior mean
 noised once at a fixed timestep (stratified over [t_min, t_max]) with fixed noise, and the UNet's prediction
 scored against the true target of its parameterisation (object-weighted as the recipes weight their loss).
 The same set scores every action, so differences between actions are not noise of the set.
-``benchmarks/search_shapes.py`` measures how well its ranking of actions agrees with the checker's all-correct.
+``benchmarks/search_proxy.py`` measures how well its ranking of actions agrees with the checker's all-correct.
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def validation_set(vae, text_encoder, tokenizer, schedule: NoiseSchedule, *, n: 
 def proxy_loss(unet: torch.nn.Module, vset: ValidationSet, batch: int = 64) -> float:
     """The mean (object-weighted) squared error of ``unet`` on the validation set: lower is better."""
     total = 0.0
+    device = next(unet.parameters()).device  # the set stays on the CPU; each slice goes where the UNet is
     for i in range(0, len(vset.t), batch):
         sl = slice(i, i + batch)
-        out = unet(vset.x_t[sl], vset.t[sl], encoder_hidden_states=vset.states[sl]).sample
+        out = unet(vset.x_t[sl].to(device), vset.t[sl].to(device),
+                   encoder_hidden_states=vset.states[sl].to(device)).sample.cpu()
         err = (out.float() - vset.target[sl]).pow(2)
         total += float(region_weighted_mean(err, vset.x0[sl], vset.foreground_weight).sum())
     return total / len(vset.t)

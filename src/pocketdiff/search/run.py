@@ -1,7 +1,8 @@
 """``pocketdiff search``: a model folder in, a searched model folder out (SnapFusion's architecture evolution).
 
 OUT holds ``lut.json`` (the latency table used: given with ``--lut`` or measured here), ``search.jsonl`` (one line
-per round, written as the search goes), ``search.json`` (the summary: target, removed blocks, predicted and
+per round, written as the search goes), ``robust_log.jsonl`` (with ``--train-steps``: the loss log of the robust
+training between rounds, :mod:`pocketdiff.search.robust`), ``search.json`` (the summary: target, removed blocks, predicted and
 measured latency, proxy before and after) and ``model/``: the input folder with its UNet's searched blocks
 removed (:mod:`pocketdiff.blocks.surgery`), which pocketdiff loads at the searched cost and stock diffusers loads
 as the same function at the full cost. OUT is written at the end, as a whole; an existing OUT is refused.
@@ -34,6 +35,9 @@ class SearchJob:
     batch: int = 1  # the table's images per call (the UNet runs 2x for CFG)
     runs: int = 5  # timed runs per block
     keep_attention: int = 0  # never remove the last N transformer blocks (text conditioning)
+    train_steps: int = 0  # robust-training steps before each round (0: search the network as trained)
+    skip_prob: float = 0.1  # those steps' skip probability of the blocks not yet removed
+    train_lr: float = 2e-5
 
     def check(self) -> None:
         if (self.target_ms > 0) == (self.target_ratio > 0):
@@ -47,6 +51,8 @@ class SearchJob:
             raise PocketdiffError(f"{out.parent}: folder does not exist; create it or choose another --out")
         if self.val_n < 8:
             raise PocketdiffError(f"--val-n must be >= 8, got {self.val_n}")
+        if self.train_steps < 0 or (self.train_steps and not 0.0 < self.skip_prob < 1.0):
+            raise PocketdiffError("--train-steps must be >= 0, and with it --skip-prob in (0, 1), e.g. 0.1")
 
 
 def _table(job: SearchJob, unet, size: int, factor: int):
@@ -74,13 +80,59 @@ def measured_ms(unet, lut, removed: list[str], factor: int, runs: int = 10) -> f
         return time_call(lambda: fn(*inputs), runs=runs, warmup=2)["median_ms"]
 
 
+def _round_trainer(job: SearchJob, unet, parts: dict, data, tmp: Path):
+    if not job.train_steps:
+        return None
+    from .robust import RobustRounds, round_trainer
+
+    rounds = RobustRounds(job.train_steps, job.skip_prob, job.train_lr, foreground_weight=job.foreground_weight)
+    return round_trainer(unet, parts, data, tmp / "robust", rounds)
+
+
+def _finish_training(unet, tmp: Path):
+    """Keep the robust training's loss log, drop its run folder; the UNet back on the CPU for timing and saving."""
+    import shutil
+
+    log = tmp / "robust" / "log.jsonl"
+    if log.is_file():
+        log.rename(tmp / "robust_log.jsonl")
+    shutil.rmtree(tmp / "robust", ignore_errors=True)
+    return unet.cpu().eval().requires_grad_(False)
+
+
+def _summary(job: SearchJob, folder, target: float, lut, result, unet, factor: int, proxy_full: float) -> dict:
+    return {"model": str(folder), "target_ms": target,
+            "table": {k: getattr(lut, k) for k in ("runtime", "resolution", "batch", "cfg", "threads", "total_ms")},
+            "removed": result.removed, "predicted_ms": result.predicted_ms,
+            "measured_ms_torch": measured_ms(unet, lut, result.removed, factor) if lut.runtime == "torch" else None,
+            "proxy_before": proxy_full, "proxy_after": result.proxy, "train_steps_per_round": job.train_steps,
+            "rounds": len(result.rounds), "params": sum(p.numel() for p in unet.parameters())}
+
+
+def _save(tmp: Path, folder, unet, parts: dict, summary: dict, target: float, lut, train_steps: int) -> None:
+    """``tmp/model`` (the UNet with the searched blocks removed, the input's other parts) and ``search.json``."""
+    from ..blocks.surgery import count_active_params, remove_blocks
+    from ..files import write_text
+    from ..folder import save_components
+
+    searched = remove_blocks(unet, summary["removed"])
+    summary["params_after"] = count_active_params(searched)
+    trained = f"robustly trained {train_steps} steps before each round" if train_steps else "not retrained"
+    card = {"description": f"{Path(folder).name} searched to {target:.2f} ms per UNet step ({lut.runtime}, "
+                           f"{lut.resolution} px) by architecture evolution; {trained}", "search": dict(summary)}
+    if (Path(folder) / "pocketdiff.json").is_file():
+        card = {**json.loads((Path(folder) / "pocketdiff.json").read_text()), **card}
+    save_components(tmp / "model", searched, parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                    parts["scheduler_config"], extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
+    write_text(tmp / "search.json", json.dumps(summary, indent=2))
+
+
 def run_search(job: SearchJob) -> dict:
     """Run the search and write OUT; returns the summary."""
     from ..data.datasets import open_dataset
-    from ..files import atomic_folder, write_text
-    from ..folder import load_components, save_components
+    from ..files import atomic_folder
+    from ..folder import load_components
     from ..models.registry import resolve_model
-    from ..blocks.surgery import count_active_params, remove_blocks
     from ..schedule import NoiseSchedule
     from .evolve import SearchConfig, evolve
     from .proxy import proxy_loss, validation_set
@@ -100,6 +152,8 @@ def run_search(job: SearchJob) -> dict:
     out = Path(job.out)
     with atomic_folder(out) as tmp:
         lut.save(tmp / "lut.json")
+        train_round = _round_trainer(job, unet, parts, data, tmp)
+        proxy_full = proxy_loss(unet, vset)  # the input network, every block kept, before any training
         with open(tmp / "search.jsonl", "w") as log:
             def write(record: dict) -> None:
                 log.write(json.dumps(record) + "\n")
@@ -110,22 +164,8 @@ def run_search(job: SearchJob) -> dict:
 
             result = evolve(unet, lut, vset, SearchConfig(target, job.kinds, job.actions_per_round, job.max_rounds,
                                                              keep_attention=job.keep_attention),
-                            log=write)
-        summary = {"model": str(folder), "target_ms": target, "table": {k: getattr(lut, k) for k in
-                                                                         ("runtime", "resolution", "batch", "cfg",
-                                                                          "threads", "total_ms")},
-                   "removed": result.removed, "predicted_ms": result.predicted_ms,
-                   "measured_ms_torch": measured_ms(unet, lut, result.removed, factor) if lut.runtime == "torch" else None,
-                   "proxy_before": proxy_loss(unet, vset), "proxy_after": result.proxy, "rounds": len(result.rounds),
-                   "params": sum(p.numel() for p in unet.parameters())}
-        searched = remove_blocks(unet, result.removed)
-        summary["params_after"] = count_active_params(searched)
-        card = {"description": f"{Path(folder).name} searched to {target:.2f} ms per UNet step ({lut.runtime}, "
-                               f"{lut.resolution} px) by architecture evolution; not retrained",
-                "search": dict(summary)}
-        if (Path(folder) / "pocketdiff.json").is_file():
-            card = {**json.loads((Path(folder) / "pocketdiff.json").read_text()), **card}
-        save_components(tmp / "model", searched, parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                        parts["scheduler_config"], extra_files={"pocketdiff.json": json.dumps(card, indent=2)})
-        write_text(tmp / "search.json", json.dumps(summary, indent=2))
+                            train_round=train_round, log=write)
+        unet = _finish_training(unet, tmp) if train_round else unet
+        summary = _summary(job, folder, target, lut, result, unet, factor, proxy_full)
+        _save(tmp, folder, unet, parts, summary, target, lut, job.train_steps)
     return summary
