@@ -11,8 +11,9 @@ with the proxy of :mod:`pocketdiff.search.proxy` (lower is better) and the ms fr
 (:mod:`pocketdiff.bench.lut`). Each round, while the predicted latency is over the target, the
 ``actions_per_round`` lowest-value removals are executed; once under it, the highest-value additions that keep it
 under the target and improve the proxy; the search ends when no such addition is left (or after ``max_rounds``).
-Between rounds an optional ``train_round(unet, removed, round)`` continues robust training (SnapFusion interleaves
-it; without it, the search runs on the supernet as trained). Duplicating a block (SnapFusion's action set also
+Before each round an optional ``train_round(unet, removed, round)`` continues robust training (SnapFusion interleaves
+it: :mod:`pocketdiff.search.robust`, ``pocketdiff search --train-steps``; without it, the search runs on the
+supernet as trained). Duplicating a block (SnapFusion's action set also
 adds copies) is not an action here: a copy's value cannot be measured before it is trained.
 
 Every round is logged: the candidates' proxy, saving and value, the executed actions, the predicted latency.
