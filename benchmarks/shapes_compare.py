@@ -84,6 +84,13 @@ def markdown(rows: list[dict]) -> str:
                     f"{r['unet_ratio']:.2f}x | {r['time_ratio']:.3f}x |")
     quality = [MARKDOWN_HEADER] + [markdown_row(r["label"], r["quality"]) for r in rows]
     out = "\n".join(cost) + "\n\n" + "\n".join(quality)
+    paired = [r for r in rows if "paired" in r and r["label"] != r["paired"]["against"]]
+    if paired:
+        out += ("\n\nPaired exact McNemar tests of all-correct on the same prompts and seeds: prompts only the row "
+                "gets right, only the reference gets right, two-sided p.\n\n| run | against | only run | only "
+                "against | p |\n|---|---|---|---|---|\n" + "\n".join(
+                    f"| {r['label']} | {r['paired']['against']} | {r['paired']['only_a']} | {r['paired']['only_b']} "
+                    f"| {r['paired']['p_value']:.3g} |" for r in paired))
     shaped = [(r["label"], r["quality"]) for r in rows if "by_shape" in r["quality"]]
     if shaped:  # results written before the checker reported it have no per-shape split
         out += ("\n\nShape accuracy (%) by the shape the prompt asked for; in brackets, the shape drawn most often "
