@@ -81,8 +81,8 @@ def _add_curate(data, add_threads) -> None:
     p.add_argument("source", help="an image folder (metadata.jsonl or .txt captions) or tar shards (path/glob)")
     p.add_argument("out", help="the new folder to write")
     p.add_argument("--no-dedup", action="store_true", help="keep duplicates")
-    p.add_argument("--hash-threshold", type=int, default=6,
-                   help="colour perceptual-hash bits (of 192) within which images are near-duplicates")
+    p.add_argument("--hash-threshold", type=int, default=64,
+                   help="colour perceptual-hash bits (of 768) within which images are near-duplicates")
     p.add_argument("--min-size", type=int, default=0, help="drop images whose short side is under this (px)")
     p.add_argument("--max-aspect", type=float, default=0.0, help="drop images longer than this aspect ratio")
     p.add_argument("--resolution", type=int, default=0, help="centre crop and resize to this many px")
