@@ -4,6 +4,7 @@ they say (a duplicate is a copy, a stored-small image is small, a wrong caption 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pocketdiff.data.dirty import DIRTY_RATES, write_dirty
@@ -48,3 +49,24 @@ def test_cli_writes_a_dirty_set_and_curation_finds_its_duplicates(tmp_path, caps
     assert all(truth[k] == "stored_small" for k, r in dropped.items() if r.startswith("small"))
     dups = [k for k, f in truth.items() if f == "duplicate"]
     assert dups and all(k in dropped for k in dups)
+
+
+def test_audit_scores_a_curation_against_the_truth(tmp_path):
+    from pocketdiff.data.curate import CurateConfig, curate
+    from pocketdiff.data.dirty import audit
+    from pocketdiff.eval.captioners import shapes_captioner
+
+    write_dirty(tmp_path / "d", 150, seed=3, progress=False)
+    curate(tmp_path / "d", tmp_path / "c", CurateConfig(min_size=32, caption_mode="replace"),
+           captioner=shapes_captioner, progress=False)
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    rows = audit(tmp_path / "d", report)
+    assert sum(r["n"] for r in rows.values()) == 150
+    assert rows["duplicate"]["dropped"] == rows["duplicate"]["n"] > 0
+    assert rows["stored_small"]["dropped"] == rows["stored_small"]["n"]
+    wrong = rows["wrong_word"]  # the analytic captioner reads the scene back: each kept one is fixed
+    assert wrong["n"] > 0 and wrong["clean_caption"] == wrong["recaptioned"] == wrong["n"] - wrong["dropped"]
+    clean = rows["clean"]
+    assert clean["clean_caption"] == clean["n"] - clean["dropped"] and clean["recaptioned"] == 0
+    with pytest.raises(ValueError, match="no item"):
+        audit(tmp_path / "d", {"items": report["items"][1:]})

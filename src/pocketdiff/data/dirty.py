@@ -133,3 +133,28 @@ def write_dirty(out_dir: str | os.PathLike, n: int, seed: int = 0, rates: dict |
         (tmp / "dirty.json").write_text(json.dumps({"seed": seed, "rates": rates, "counts": counts, "items": truth},
                                                    indent=1))
     return counts
+
+
+def audit(dirty_dir: str | os.PathLike, report: dict) -> dict[str, dict[str, int]]:
+    """Score one curation of a dirty set (``report``: the ``report.json`` that ``pocketdiff data curate`` writes)
+    against the set's truth (its ``dirty.json``). Per fault: ``n`` pairs, how many the curation ``dropped``, how many
+    it kept with a ``recaptioned`` caption, and how many kept pairs carry their scene's ``clean_caption``.
+
+    An off-centre crop's clean caption is its uncropped scene's, so a captioner that describes the crop is right to
+    differ from it; for the other faults the clean caption is the right one.
+    """
+    truth = json.loads((Path(dirty_dir) / "dirty.json").read_text())["items"]
+    by_key = {item["key"]: item for item in report["items"]}
+    out: dict[str, dict[str, int]] = {}
+    for t in truth:
+        row = out.setdefault(t["fault"], {"n": 0, "dropped": 0, "recaptioned": 0, "clean_caption": 0})
+        row["n"] += 1
+        item = by_key.get(t["file_name"])
+        if item is None:
+            raise ValueError(f"the curation report has no item for {t['file_name']}: is it a report of {dirty_dir}?")
+        if item["status"] == "dropped":
+            row["dropped"] += 1
+            continue
+        row["recaptioned"] += item.get("original_caption") is not None
+        row["clean_caption"] += item["caption"] == t["clean_caption"]
+    return out
