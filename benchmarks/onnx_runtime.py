@@ -5,7 +5,9 @@ random weights, 512 px). Each UNet is exported with pocketdiff's ONNX exporter (
 quantized with onnxruntime's dynamic int8 on MatMul nodes (int8 on convolutions too is measured
 here as much slower on this CPU), then the three runtimes are called in turn on the same inputs.
 
-    python benchmarks/onnx_runtime.py [--model NAME ...] [--runs 10] [--sd-runs 3] [--json docs/results/onnx_runtime.json]
+    python benchmarks/onnx_runtime.py [--model [LABEL=]NAME ...] [--runs 10] [--sd-runs 3] [--json docs/results/onnx_runtime.json]
+
+A model given as LABEL=NAME is named LABEL in the table (else by its folder's name).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", nargs="+", default=["default"], help="model folders or shipped model names")
+    ap.add_argument("--model", nargs="+", default=["default"],
+                    help="model folders or shipped model names, each optionally LABEL=NAME")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--sd-runs", type=int, default=3, help="runs for the SD-scale UNet (0: skip it)")
     ap.add_argument("--json", type=Path)
@@ -107,10 +110,11 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.model:
-            folder = resolve_model(model)
+            label, _, name = model.rpartition("=")
+            folder = resolve_model(name)
             pipe = Pipeline.from_folder(folder, runner="eager")
             cfg = not getattr(pipe.unet.config, "time_cond_proj_dim", None)
-            results.append(compare(folder.name, pipe.unet, pipe.default_size, pipe.vae_scale_factor,
+            results.append(compare(label or folder.name, pipe.unet, pipe.default_size, pipe.vae_scale_factor,
                                    pipe.tokenizer.model_max_length, cfg, args.runs, Path(tmp)))
         if args.sd_runs:
             torch.manual_seed(0)

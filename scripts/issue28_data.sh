@@ -2,11 +2,13 @@
 # Issue 28's measurement on one CPU thread: the same student and KD budget trained on a dirty Shapes set, on it
 # with each curation step added in turn, on the curated set plus teacher pairs, and on the clean stream; then one
 # comparison run with a paired (McNemar) test against the dirty set's student.
-#   bash scripts/issue28_data.sh [N_PAIRS] [KD_MINUTES] [KD_STEPS]
+#   bash scripts/issue28_data.sh [N_PAIRS] [KD_MINUTES] [KD_STEPS] [MAX_SYNTH] [SYNTH_STEPS]
 set -euo pipefail
 N=${1:-20000}
 MIN=${2:-15}
 STEPS=${3:-800}
+MAX_SYNTH=${4:-1024}  # teacher pairs: as many as the curation dropped, at most this many (1 thread: ~0.8 s each)
+SYNTH_STEPS=${5:-10}
 export OMP_NUM_THREADS=1
 D=runs/data28
 mkdir -p $D
@@ -19,16 +21,16 @@ mkdir -p $D
   --captioner shapes --caption-mode replace --no-progress
 [ -d $D/curated ] || pocketdiff data curate $D/dirty $D/curated --min-size 32 --resolution 64 \
   --captioner shapes --caption-mode replace --scorer shapes --min-score 0.93 --no-progress
-# (d) the curated set plus teacher pairs for as many fresh training-split prompts as the curation dropped
+# (d) the curated set plus teacher pairs for as many fresh training-split prompts as the curation dropped (capped)
 if [ ! -d $D/curated+synth ]; then
   python -c "
 import json, sys
 from pocketdiff.data.datasets import open_dataset
 kept = sum(1 for _ in open('$D/curated/metadata.jsonl'))
-caps = open_dataset('shapes').captions(max($N - kept, 1), seed=2828)
+caps = open_dataset('shapes').captions(min(max($N - kept, 1), $MAX_SYNTH), seed=2828)
 open('$D/prompts.txt', 'w').write('\n'.join(caps) + '\n')"
   [ -d $D/synth ] || pocketdiff data synth $D/synth --teacher shapes-teacher --prompts $D/prompts.txt \
-    --steps 25 --batch 32 --no-progress
+    --steps $SYNTH_STEPS --batch 32 --no-progress
   python -c "
 import json, shutil
 from pathlib import Path
