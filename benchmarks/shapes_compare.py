@@ -35,7 +35,10 @@ def parse_run(text: str) -> dict:
     try:
         label, rest = text.split("=", 1)
         model, sampler, steps, guidance = rest.rsplit(":", 3)
-        model, _, vae = model.partition("+")
+        if not Path(model).is_dir():  # a folder whose name holds a '+' is a model, not MODEL+VAE
+            model, _, vae = model.partition("+")
+        else:
+            vae = ""
         return {"label": label, "model": model, "vae": vae or None, "sampler": sampler, "steps": int(steps),
                 "guidance": float(guidance)}
     except ValueError:
