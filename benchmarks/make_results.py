@@ -815,6 +815,28 @@ def section_search_sd() -> str:
     return "\n".join(out) + "\n"
 
 
+def section_sd_fast_path() -> str:
+    from sd_fast_path import markdown
+
+    out, r = _section("An SD-scale 512 px generation, end to end (issue 26)",
+                      "SD-v1.5's text encoder, a compact UNet at 2 DDIM steps without CFG, and SD-v1.5's VAE or a "
+                      "TAESD-sized tiny decoder (diffusers' AutoencoderTiny, 64 channels per block), random weights "
+                      "(structure and cost only). Each configuration in a fresh process: load, a warm-up, then the "
+                      "median of the timed generations; peak MiB is the process's kernel VmHWM over the whole run, "
+                      "load included. The default row is `--backend auto` (onnxruntime through the export it makes "
+                      "once and caches; the export's time is below the table, not in the rows). int8: `pocketdiff "
+                      "quantize` of the UNet and text encoder (torch rows) or onnxruntime's dynamic int8 on the "
+                      "exported UNet's MatMul nodes. Targets: <= 8 s per image and <= 2 GB peak.",
+                      "sd_fast_path.json", "python benchmarks/sd_fast_path.py")
+    if r:
+        out.append(f"UNet `{r['unet']}`, {r['threads']} threads, median of {r['runs']} generations after a "
+                   "warm-up.\n")
+        out.append(markdown(r) + "\n")
+        sizes = ", ".join(f"{k} {v:.0f} MB" for k, v in r["sizes_mb"].items())
+        out.append(f"_Folders on disk: {sizes}. The export for onnxruntime took {r['export_s']:.0f} s once._\n")
+    return "\n".join(out)
+
+
 def section_search_proxy() -> str:
     out, r = _section("The search's proxy against the checker (issue 24)",
                       "A fixed sample of removal actions (single blocks and pairs) on each model, scored by the "
@@ -845,7 +867,7 @@ def main() -> int:
              section_comparison("lcm-students"), section_comparison("two-step"), section_comparison("two-step-fast"),
              section_plot(), section_comparison("quant"), section_compact(), section_tiling(), section_onnx(),
              section_threads(), section_bad_inputs(), section_serve(), section_peak(), section_default_vs_diffusers(),
-             section_search_sd(), section_search_proxy(), section_curation_audit(),
+             section_sd_fast_path(), section_search_sd(), section_search_proxy(), section_curation_audit(),
              section_comparison("data-curation")]
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "RESULTS.md").write_text("\n".join(parts))

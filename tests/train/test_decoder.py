@@ -133,3 +133,19 @@ def test_tiny_arch_distils_a_taesd_style_decoder_that_generates_and_exports(teac
     assert res.images[0].size == (64, 64)
     manifest = export_model(out, tmp_path / "onnx", "onnx")
     assert manifest["components"]["vae_decoder"]["parity"]["max_abs"] < 1e-3
+
+
+def test_init_from_starts_the_student_from_a_saved_decoder_of_its_architecture(tmp_path):
+    from pocketdiff.errors import PocketdiffError
+    from pocketdiff.train.decoder import student_vae
+
+    teacher = _tiny_vae()
+    saved = prune_vae(teacher, 0.5)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.01)
+    saved.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    student = student_vae(teacher, DecoderRecipe(width=0.5, init_from=str(tmp_path / "vae")))
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises(PocketdiffError, match="not of the student's architecture"):
+        student_vae(teacher, DecoderRecipe(width=1.0, init_from=str(tmp_path / "vae")))

@@ -17,6 +17,8 @@ Here:
 - ``--arch tiny`` (:func:`tiny_vae`): in place of the pruned AutoencoderKL, a TAESD-style diffusers
   ``AutoencoderTiny`` (plain ReLU conv blocks, no attention or GroupNorm), trained from scratch with the same
   loss; its encoder is matched to the teacher's posterior mean.
+- ``--init-from`` (:func:`init_weights`): start from a decoder this recipe trained before (same architecture),
+  e.g. to tune a shipped pruned VAE to another model's latents.
 - the loss: decoder outputs matched to the teacher decoder's (object-weighted L1 + L2) on a mix of
   generated latents (:func:`cached_generated`, made once by a model folder's own sampler) and posterior
   samples of fresh renders; encoder posterior mean (and, lightly, log-variance) matched by MSE.
@@ -47,6 +49,10 @@ class DecoderRecipe:
     tiny_channels: int = 64  # arch tiny: channels of every encoder and decoder block (TAESD: 64)
     width: float = 0.5  # fraction of every block's channels kept (SnapFusion: 0.5)
     channels: str = ""  # or explicit channels per block, e.g. "32,32,64" (each at most the teacher's; overrides width)
+    # a VAE folder or shipped component (e.g. shapes-vae-pruned) of the same architecture whose weights start the
+    # student instead of the teacher's slices (arch tiny: instead of the random start), e.g. to train it on
+    # another generator's latents
+    init_from: str = ""
     generator: str = ""  # model folder whose generations are the distillation latents ("" = the teacher folder)
     n_generated: int = 2000  # generated latents, made once and cached in OUT
     generator_steps: int = 0  # 0: the generator's own default steps / sampler / guidance (its model card)
@@ -153,11 +159,37 @@ def tiny_vae(teacher, channels: int = 64):
 
 
 def student_vae(teacher, recipe: DecoderRecipe):
-    """The decoder student of ``recipe.arch`` (a width that does not fit fails here, before any other work)."""
+    """The decoder student of ``recipe.arch`` (a width that does not fit fails here, before any other work),
+    started from ``recipe.init_from``'s weights when given."""
     if recipe.arch == "tiny":
-        return tiny_vae(teacher, recipe.tiny_channels)
-    channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
-    return prune_vae(teacher, recipe.width, channels)
+        student = tiny_vae(teacher, recipe.tiny_channels)
+    else:
+        channels = [int(c) for c in recipe.channels.split(",")] if recipe.channels else None
+        student = prune_vae(teacher, recipe.width, channels)
+    if recipe.init_from:
+        init_weights(student, recipe.init_from)
+    return student
+
+
+@torch.no_grad()
+def init_weights(student: torch.nn.Module, source: str) -> None:
+    """Load the weights of the VAE folder or shipped component ``source`` into ``student`` (same architecture)."""
+    from ..errors import PocketdiffError
+    from ..folder import load_vae
+    from ..models.components import resolve_component
+
+    path = resolve_component(source)
+    vae = load_vae(path / "vae" if (path / "vae" / "config.json").is_file() else path)
+    src, mine = vae.state_dict(), student.state_dict()
+
+    def arch(m) -> dict:  # what the tensors' shapes do not show (e.g. GroupNorm groups); tuples read as lists
+        return json.loads(json.dumps({k: v for k, v in dict(m.config).items() if not k.startswith("_")}))
+    if type(vae) is not type(student) or arch(vae) != arch(student) or set(src) != set(mine) \
+            or any(src[k].shape != mine[k].shape for k in mine):
+        raise PocketdiffError(f"{source}: its VAE is not of the student's architecture (arch "
+                              f"{type(student).__name__}, channels {vae_channels(student)}); pass the same "
+                              "--arch / --channels / --width / --tiny-channels it was trained with")
+    student.load_state_dict({k: v.to(mine[k].dtype) for k, v in src.items()})
 
 
 def vae_channels(vae) -> list[int]:
