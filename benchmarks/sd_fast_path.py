@@ -2,7 +2,8 @@
 torch path and against diffusers' pipeline with the same components.
 
 Random weights (structure and cost only): SD-v1.5's text encoder, a compact UNet preset (``--unet``, default the
-MobileDiffusion-style ``mobile-sd``) at 2 DDIM steps without CFG (a step-distilled or LCM student's setting), and
+MobileDiffusion-style ``mobile-sd``; ``--searched``: with the blocks removed that ``benchmarks/search_sd.py``'s
+search of it removed) at 2 DDIM steps without CFG (a step-distilled or LCM student's setting), and
 either SD-v1.5's VAE or a TAESD-sized tiny decoder (diffusers' ``AutoencoderTiny`` at its default config: 64
 channels per block, SD's 4 latent channels). The folders are written once to a temporary directory; the int8
 folder by ``pocketdiff quantize`` (int8 weights in memory, dequantized per call) of the UNet and text encoder.
@@ -13,7 +14,7 @@ machine must have free. The onnxruntime rows load the export that ``--backend au
 its own process first, timed as ``export s``, not counted in the rows); the int8 onnxruntime row is that export
 with onnxruntime's dynamic int8 on its UNet's MatMul nodes. Targets: <= 8 s per image and <= 2 GB peak.
 
-    python benchmarks/sd_fast_path.py [--unet mobile-sd] [--runs 2] [--threads 2]
+    python benchmarks/sd_fast_path.py [--unet mobile-sd] [--searched] [--runs 2] [--threads 2]
 
 Writes docs/results/sd_fast_path.json.
 """
@@ -48,7 +49,24 @@ CONFIGS = {
 }
 
 
-def build_folders(root: Path, unet_name: str) -> None:
+def build_unet(unet_name: str, searched: bool):
+    """The preset, with the blocks that ``benchmarks/search_sd.py``'s search of it removed when ``searched``
+    (:mod:`pocketdiff.blocks.surgery`: pocketdiff and its exports skip them)."""
+    from pocketdiff.blocks.surgery import remove_blocks
+    from pocketdiff.models import presets
+
+    unet = presets.build(unet_name)[1]
+    if not searched:
+        return unet
+    report = json.loads((RESULTS / "search_sd.json").read_text())
+    found = [x for x in report["searches"] if x["base"] == unet_name]
+    if not found:
+        raise SystemExit(f"--searched: docs/results/search_sd.json has no search of {unet_name}; run "
+                         f"python benchmarks/search_sd.py --search {unet_name}:4 first")
+    return remove_blocks(unet, found[0]["removed"])
+
+
+def build_folders(root: Path, unet_name: str, searched: bool) -> None:
     """``sdvae`` (SD-v1.5 text encoder + the UNet + SD's VAE), ``tiny`` (the same with AutoencoderTiny) and
     ``tiny-int8`` (``tiny`` quantized): the same random weights in each."""
     import torch
@@ -61,7 +79,7 @@ def build_folders(root: Path, unet_name: str) -> None:
 
     torch.manual_seed(0)
     tok = build_clip_tokenizer(["a", "photo", "of", "cat"], model_max_length=77)
-    unet, text = presets.build(unet_name)[1], presets.text_encoder_from_config(presets.SD15_TEXT)
+    unet, text = build_unet(unet_name, searched), presets.text_encoder_from_config(presets.SD15_TEXT)
     sched = dict(presets.SD15_SCHEDULER)
     save_components(root / "sdvae", unet, presets.vae_from_config(presets.SD15_VAE), text, tok, sched)
     save_components(root / "tiny", unet, AutoencoderTiny(), text, tok, sched)
@@ -120,18 +138,17 @@ def child(folder: str, runner: str, options: dict, runs: int, threads: int) -> d
             "peak_mb": _status_kb("VmHWM") / 1024, "backend": getattr(pipe, "backend", runner), **split}
 
 
-def peak_and_macs(unet_name: str, threads: int) -> dict:
+def peak_and_macs(unet_name: str, searched: bool, threads: int) -> dict:
     """This machine's fp32 GEMM peak at ``threads`` and the UNet's MACs per 512 px step (batch 1, no CFG), counted
     on the meta device (no weights in memory)."""
     import torch
 
     from pocketdiff.bench.measure import component_call, count_macs, gemm_peak
-    from pocketdiff.models import presets
     from pocketdiff.threads import apply_threads
 
     apply_threads(threads)
     with torch.device("meta"):
-        unet = presets.build(unet_name)[1]
+        unet = build_unet(unet_name, searched)
     fn, inputs = component_call("unet", unet, resolution=512, batch=1, cfg=False)
     return {"peak": gemm_peak(), "unet_gmacs": count_macs(fn, *inputs) / 1e9}
 
@@ -181,7 +198,8 @@ def markdown(report: dict) -> str:
 def run_all(args, root: Path, cache: Path) -> dict:
     env = {"POCKETDIFF_CACHE": str(cache)}
     t0 = time.perf_counter()
-    built = in_fresh_process(["--build", str(root), "--unet", args.unet])
+    searched = ["--searched"] if args.searched else []
+    built = in_fresh_process(["--build", str(root), "--unet", args.unet, *searched])
     t1 = time.perf_counter()
     warm = in_fresh_process(["--child", str(root / "tiny"), "auto", "{}", "0", str(args.threads)], env)
     export_s = time.perf_counter() - t1
@@ -193,12 +211,12 @@ def run_all(args, root: Path, cache: Path) -> dict:
                              env)
         rows.append({"config": label, **r})
         print(f"{label:45s} {r['backend']:12s} {r['s_per_image']:7.2f} s/image {r['peak_mb']:7.0f} MiB", flush=True)
-    limit = in_fresh_process(["--peak", "--unet", args.unet, "--threads", str(args.threads)])
+    limit = in_fresh_process(["--peak", "--unet", args.unet, *searched, "--threads", str(args.threads)])
     for r in rows:
         if "unet_s" in r:
             r["unet_gflops"] = 2 * limit["unet_gmacs"] * 2 / r["unet_s"]  # 2 FLOPs per MAC, 2 steps
             r["unet_peak_share"] = r["unet_gflops"] / limit["peak"]["gflops"]
-    return {"unet": args.unet, "threads": args.threads, "runs": args.runs, "build_s": t1 - t0, **limit,
+    return {"unet": args.unet, "searched": args.searched, "threads": args.threads, "runs": args.runs, "build_s": t1 - t0, **limit,
             "export_s": export_s, "export_check": warm, "sizes_mb": built, "rows": rows,
             "command": "python benchmarks/sd_fast_path.py " + " ".join(sys.argv[1:])}
 
@@ -211,6 +229,8 @@ def folder_sizes(root: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--unet", default="mobile-sd", help="UNet preset of pocketdiff.models.presets.build (e.g. mobile-sd, bk-sdm-tiny)")
+    ap.add_argument("--searched", action="store_true",
+                    help="remove the blocks that docs/results/search_sd.json's search of --unet removed")
     ap.add_argument("--runs", type=int, default=2, help="timed generations per configuration (after a warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(RESULTS / "sd_fast_path.json"))
@@ -219,10 +239,10 @@ def main() -> int:
     ap.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak:
-        print(json.dumps(peak_and_macs(args.unet, args.threads)))
+        print(json.dumps(peak_and_macs(args.unet, args.searched, args.threads)))
         return 0
     if args.build:
-        build_folders(Path(args.build), args.unet)
+        build_folders(Path(args.build), args.unet, args.searched)
         print(json.dumps(folder_sizes(Path(args.build))))
         return 0
     if args.child:

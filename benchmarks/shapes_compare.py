@@ -134,11 +134,19 @@ def main() -> None:
     ap.add_argument("--clip", default=None, help="domain-CLIP folder (default: the shipped shapes-clip, if any)")
     ap.add_argument("--paired", metavar="LABEL", help="an exact McNemar test of every run's all-correct against "
                                                         "this run's, prompt by prompt (same prompts and seeds)")
+    ap.add_argument("--pair", action="append", default=[], metavar="ROW=REF",
+                    help="the same test of run ROW against run REF only (overrides --paired for ROW; repeatable)")
     ap.add_argument("--card", action="append", default=[], metavar="LABEL",
                     help="write this run's measurements into its model folder's card (pocketdiff.json, README.md)")
     args = ap.parse_args()
-    if args.paired and args.paired not in {r["label"] for r in args.run}:
-        raise SystemExit(f"--paired {args.paired}: no --run has that label")
+    labels = [r["label"] for r in args.run]
+    refs = {label: args.paired for label in labels} if args.paired else {}
+    for pair in args.pair:
+        row, _, ref = pair.partition("=")
+        refs[row] = ref
+    bad = sorted({x for x in (*refs, *refs.values()) if x not in labels})
+    if bad:
+        raise SystemExit(f"--paired / --pair {', '.join(bad)}: no --run has that label")
     unknown = set(args.card) - {r["label"] for r in args.run}
     if unknown:
         raise SystemExit(f"--card {', '.join(sorted(unknown))}: no --run has that label")
@@ -160,13 +168,14 @@ def main() -> None:
         rows.append({**run, "folder": str(pipe.source), "steps_trained": model_card(pipe.source).get("steps_trained"),
                      **costs[label], **disk_mb(pipe.source, run["vae"]), "quality": q})
         print(markdown_row(label, q), file=sys.stderr, flush=True)
-    if args.paired:
+    if refs:
         from pocketdiff.eval.quality import mcnemar
 
-        ref = next(r for r in rows if r["label"] == args.paired)
-        for r in rows:
-            r["paired"] = {"against": args.paired, **mcnemar(r["quality"]["per_prompt"], ref["quality"]["per_prompt"])}
-            print(f"{r['label']} vs {args.paired}: McNemar p = {r['paired']['p_value']:.3g}", file=sys.stderr)
+        by_label = {r["label"]: r for r in rows}
+        for label, against in refs.items():
+            r, ref = by_label[label], by_label[against]
+            r["paired"] = {"against": against, **mcnemar(r["quality"]["per_prompt"], ref["quality"]["per_prompt"])}
+            print(f"{label} vs {against}: McNemar p = {r['paired']['p_value']:.3g}", file=sys.stderr)
     for r in rows:
         r["unet_ratio"] = r["unet_ms"] / rows[0]["unet_ms"]
         r["time_ratio"] = r["quality"]["seconds_per_image"] / rows[0]["quality"]["seconds_per_image"]
